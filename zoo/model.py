@@ -1,0 +1,117 @@
+"""The decoder LM: embed -> blocks -> final norm -> LM head (DESIGN.md, "Layers are pure functions").
+
+A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)) when the layer has an MLP. Which
+mixer each layer has comes from `ModelConfig.layers`. `DecoderLM.__call__(tokens, cache=None)`
+returns (logits, cache): no cache is training / full forward; a cache tuple (from `init_cache`)
+is prefill / decode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.config import ModelConfig
+from zoo.layers import MIXERS
+from zoo.layers.mlp import SwiGLU
+from zoo.layers.norms import RMSNorm
+from zoo.layers.params import constrain, weight
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    index: int
+
+    @nn.compact
+    def __call__(self, x, *, positions, segment_ids, cache=None, **sharing):
+        cfg = self.config
+        layer = cfg.layers[self.index]
+        mixer = MIXERS[layer.mixer].module(
+            layer.mixer_config, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            name="mixer",
+        )
+        out = mixer(
+            RMSNorm(cfg.norm_eps, param_dtype=cfg.param_dtype, name="mixer_norm")(x),
+            positions=positions, segment_ids=segment_ids, cache=cache, **sharing,
+        )
+        x = x + out[0].astype(x.dtype)
+        if layer.mlp:
+            mlp = SwiGLU(cfg.mlp_hidden, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="mlp")
+            x = x + mlp(RMSNorm(cfg.norm_eps, param_dtype=cfg.param_dtype, name="mlp_norm")(x)).astype(x.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        return (x, *out[1:])
+
+
+class DecoderLM(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+        cfg = self.config
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        if cache is not None and len(cache) != cfg.n_layers:
+            raise ValueError(f"cache has {len(cache)} layers, the model {cfg.n_layers}")
+
+        embed = weight(
+            self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+            init=nn.initializers.normal(0.02), dtype=jnp.dtype(cfg.param_dtype),
+        )
+        x = jnp.take(embed, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("batch", "length", "embed"))
+
+        sources = cfg.kv_sources()
+        views, new_cache = {}, []
+        for i, layer in enumerate(cfg.layers):
+            sharing = {}
+            if i in sources:
+                sharing["return_kv"] = True
+            if (source := getattr(layer.mixer_config, "shared_kv_source", None)) is not None:
+                sharing["shared_kv"] = views[source]
+            out = Block(cfg, i, name=f"layer_{i}")(
+                x, positions=positions, segment_ids=segment_ids, cache=None if cache is None else cache[i], **sharing
+            )
+            x = out[0]
+            new_cache.append(out[1])
+            if i in sources:
+                views[i] = out[2]
+
+        x = RMSNorm(cfg.norm_eps, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed.astype(x.dtype), preferred_element_type=jnp.float32)
+        else:
+            head = weight(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype=jnp.dtype(cfg.param_dtype))
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits, (None if cache is None else tuple(new_cache))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
+    """One cache per layer; a layer that reads another layer's KV gets an empty one."""
+    dtype = jnp.dtype(config.dtype) if dtype is None else dtype
+    return tuple(MIXERS[l.mixer].init_cache(l.mixer_config, batch, max_len, dtype) for l in config.layers)
+
+
+def init_params(config: ModelConfig, key: jax.Array):
+    """Parameters (logical-axis boxes removed) for `DecoderLM(config)`."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return nn.unbox(DecoderLM(config).init(key, tokens)["params"])
+
+
+def param_shapes(config: ModelConfig):
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def count_params(config: ModelConfig) -> int:
+    """Number of parameters, computed from shapes only (no memory is allocated)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes(config)))
+
+
+def cache_bytes(cache) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
