@@ -1,0 +1,52 @@
+"""Random inputs and drivers shared by the mixer tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+
+def packed_batch(rng: np.random.Generator, batch: int, length: int, d_model: int):
+    """x [B,T,D] and, per row, one or two packed documents (positions restart, segment ids differ)."""
+    x = rng.standard_normal((batch, length, d_model)).astype(np.float32)
+    positions = np.tile(np.arange(length), (batch, 1))
+    segments = np.ones((batch, length), np.int64)
+    split = int(rng.integers(length // 4, 3 * length // 4))
+    positions[0, split:] = np.arange(length - split)
+    segments[0, split:] = 2
+    return x, positions.astype(np.int32), segments.astype(np.int32)
+
+
+def init(module, x, positions, segments, seed=0):
+    variables = module.init(jax.random.key(seed), jnp.asarray(x), positions=positions, segment_ids=segments)
+    return nn.unbox(variables["params"])
+
+
+def randomize(params, rng, names=("sink_logits",)):
+    """Replace zero-initialised parameters the tests need non-trivial (e.g. sink logits)."""
+    return {k: (rng.standard_normal(v.shape).astype(np.float32) if k in names else v) for k, v in params.items()}
+
+
+def forward(module, params, x, positions, segments):
+    return module.apply({"params": params}, jnp.asarray(x), positions=positions, segment_ids=segments)[0]
+
+
+def decode_in_chunks(module, params, x, positions, segments, chunks, max_len, dtype=jnp.float32):
+    """Feed x through the mixer's cache path in chunks (sizes summing to T); returns outputs and cache."""
+    step = jax.jit(lambda p, c, xs, pos, seg: module.apply({"params": p}, xs, positions=pos, segment_ids=seg, cache=c))
+    cache = module.init_cache(x.shape[0], max_len, dtype)
+    outs, start = [], 0
+    for size in chunks:
+        sl = slice(start, start + size)
+        y, cache = step(params, cache, jnp.asarray(x[:, sl]), positions[:, sl], segments[:, sl])
+        outs.append(y)
+        start += size
+    assert start == x.shape[1]
+    return jnp.concatenate(outs, axis=1), cache
+
+
+def single_document(x):
+    batch, length = x.shape[:2]
+    return np.tile(np.arange(length, dtype=np.int32), (batch, 1)), np.ones((batch, length), np.int32)

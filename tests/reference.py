@@ -1,0 +1,110 @@
+"""Naive float64 NumPy references for the attention family: explicit per-(query, key) visibility
+loops and an explicit softmax, written independently of zoo's jnp code (RoPE here is a complex
+rotation of feature pairs, not zoo's rotate-half)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Tolerances against these float64 references, per compute dtype: max |zoo - ref| / max |ref|.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-2}
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def relative_rms_error(actual, expected) -> float:
+    """||actual - expected||_F / ||expected||_F: steadier than the max-based error for approximations."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def rope(x, positions, base, rotary_dim=None):
+    """x [B,T,H,D]; pairs (i, i + r/2) of the first r features rotate by angle p * base^(-2i/r)."""
+    x = np.asarray(x, np.float64)
+    r = x.shape[-1] if rotary_dim is None else rotary_dim
+    half = r // 2
+    z = x[..., :half] + 1j * x[..., half:r]
+    theta = np.asarray(positions, np.float64)[:, :, None, None] * base ** (-np.arange(half) * 2.0 / r)
+    z = z * np.exp(1j * theta)
+    return np.concatenate([z.real, z.imag, x[..., r:]], axis=-1)
+
+
+def visible(q_pos, q_seg, k_pos, k_seg, window=None, sink_tokens=0) -> bool:
+    if k_pos < 0 or k_seg != q_seg or k_pos > q_pos:
+        return False
+    if window is None:
+        return True
+    return q_pos - k_pos < window or k_pos < sink_tokens
+
+
+def softmax_attend(q, k, v, positions, segment_ids, *, scale, window=None, sink_tokens=0, sink_logits=None,
+                   k_positions=None, k_segment_ids=None):
+    """q [B,T,H,D], k/v [B,S,KV,*]; head h reads kv head h // (H/KV)."""
+    k_positions = positions if k_positions is None else k_positions
+    k_segment_ids = segment_ids if k_segment_ids is None else k_segment_ids
+    batch, length, heads, _ = q.shape
+    group = heads // k.shape[2]
+    out = np.zeros((batch, length, heads, v.shape[-1]))
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length):
+                logits, values = [], []
+                for j in range(k.shape[1]):
+                    if visible(positions[b, i], segment_ids[b, i], k_positions[b, j], k_segment_ids[b, j], window, sink_tokens):
+                        logits.append(scale * q[b, i, h] @ k[b, j, h // group])
+                        values.append(v[b, j, h // group])
+                logits = np.array(logits)
+                top = logits.max() if sink_logits is None else max(logits.max(), sink_logits[h])
+                weights = np.exp(logits - top)
+                denominator = weights.sum() + (0.0 if sink_logits is None else np.exp(sink_logits[h] - top))
+                out[b, i, h] = (weights / denominator) @ np.array(values)
+    return out
+
+
+def f64(tree):
+    import jax
+
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def attention(params, x, positions, segment_ids, cfg):
+    p = f64(params)
+    x = np.asarray(x, np.float64)
+
+    def project(name):
+        y = np.einsum("btd,dhk->bthk", x, p[name])
+        return y + p[f"{name}_bias"] if cfg.qkv_bias else y
+
+    q = rope(project("q_proj"), positions, cfg.rope_base, cfg.rotary_dim)
+    k = rope(project("k_proj"), positions, cfg.rope_base, cfg.rotary_dim)
+    out = softmax_attend(q, k, project("v_proj"), positions, segment_ids, scale=cfg.head_dim**-0.5,
+                         window=cfg.window, sink_tokens=cfg.sink_tokens, sink_logits=p.get("sink_logits"))
+    return np.einsum("bthk,hkd->btd", out, p["o_proj"])
+
+
+def rms_norm(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def mla(params, x, positions, segment_ids, cfg):
+    """DeepSeek-V2 MLA, expanded form, straight from the paper's equations."""
+    p = f64(params)
+    x = np.asarray(x, np.float64)
+    nope, rank = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+        q = np.einsum("btc,chk->bthk", rms_norm(x @ p["q_down"], p["q_norm"], cfg.norm_eps), p["q_up"])
+    else:
+        q = np.einsum("btd,dhk->bthk", x, p["q_proj"])
+    compressed = x @ p["kv_down"]
+    c = rms_norm(compressed[..., :rank], p["kv_norm"], cfg.norm_eps)
+    k_pe = rope(compressed[..., None, rank:], positions, cfg.rope_base)
+    k_nope = np.einsum("btr,rhn->bthn", c, p["k_up"])
+    heads = k_nope.shape[2]
+    k = np.concatenate([k_nope, np.repeat(k_pe, heads, axis=2)], axis=-1)
+    q = np.concatenate([q[..., :nope], rope(q[..., nope:], positions, cfg.rope_base)], axis=-1)
+    v = np.einsum("btr,rhv->bthv", c, p["v_up"])
+    out = softmax_attend(q, k, v, positions, segment_ids, scale=(nope + cfg.qk_rope_head_dim) ** -0.5)
+    return np.einsum("bthv,hvd->btd", out, p["o_proj"])

@@ -1,0 +1,67 @@
+"""The embedded corpus, the byte tokenizer, checkpoints and the `zoo` CLI (demo, presets, generate)."""
+
+import jax
+import numpy as np
+import pytest
+
+from zoo import checkpoint
+from zoo.cli import main
+from zoo.corpus import is_heldout, load_stdlib_corpus, stdlib_sources
+from zoo.demo import DemoSettings, run_demo
+from zoo.model import init_params
+from zoo.presets import get_preset
+from zoo.tokenizer import ByteTokenizer
+
+
+def test_stdlib_corpus_splits_by_module():
+    files = stdlib_sources()
+    assert len(files) > 100
+    heldout = [f for f in files if is_heldout(f.as_posix())]
+    assert 0 < len(heldout) < len(files) / 4
+    corpus = load_stdlib_corpus(max_train_bytes=200_000, max_heldout_bytes=50_000)
+    assert corpus.train.size == 200_000 and corpus.heldout.size == 50_000
+    again = load_stdlib_corpus(max_train_bytes=200_000, max_heldout_bytes=50_000)
+    np.testing.assert_array_equal(corpus.train, again.train)
+
+
+def test_byte_tokenizer_round_trips(rng):
+    tok = ByteTokenizer()
+    text = "naïve café — 東京 " + "".join(chr(c) for c in rng.integers(32, 0x2000, 40))
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == text
+
+
+def test_checkpoint_round_trip_and_no_overwrite(tmp_path):
+    config = get_preset("mla-tiny")
+    params = init_params(config, jax.random.key(3))
+    checkpoint.save(tmp_path / "ckpt", params, config)
+    loaded_config, loaded = checkpoint.load(tmp_path / "ckpt")
+    assert loaded_config == config
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    with pytest.raises(FileExistsError):
+        checkpoint.save(tmp_path / "ckpt", params, config)
+    with pytest.raises(FileNotFoundError, match="not a zoo checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+def test_demo_trains_saves_and_generates(tmp_path, capsys):
+    settings = DemoSettings(steps=40, batch_size=8, seq_len=64, eval_windows=16, sample_tokens=24)
+    result = run_demo(settings, tmp_path / "run")
+    assert result["heldout_loss"] < result["initial_loss"] - 1.0  # from ~ln(320) = 5.8 nats/byte
+    assert result["sample"].startswith("def ") and len(result["sample"]) > 4
+    config, _ = checkpoint.load(result["checkpoint"])
+    assert config.vocab_size == ByteTokenizer.padded_vocab_size
+
+    capsys.readouterr()
+    assert main(["generate", result["checkpoint"], "--prompt", "import ", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    assert main(["demo", "--out", str(tmp_path / "run")]) == 2  # refuses a non-empty run directory
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_presets_command_lists_counts(capsys):
+    assert main(["presets", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "gqa-tiny" in out and "tpla-tiny" in out and "125m" not in out
+    assert main(["generate", "/nonexistent/ckpt"]) == 2
