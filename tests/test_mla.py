@@ -143,7 +143,7 @@ def test_tpla_under_mesh_shards_latent_on_tensor_axis(rng):
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("data", "fsdp", "tensor"))
     rules = (("batch", "data"), ("cache_batch", "data"), ("latent_shards", "tensor"))
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         cache = tpla.init_cache(2, 32, jnp.float32)
         shardings = jax.tree.map(
             lambda axes: NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules)),
