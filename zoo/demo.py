@@ -83,7 +83,9 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, log=print) -> dict:
     eval_loss = jax.jit(loss_fn)
     stride = settings.seq_len + 1
     count = min(settings.eval_windows, (corpus.heldout.size - 1) // stride)
-    heldout = jnp.asarray(_windows(corpus.heldout, np.arange(count) * stride, settings.seq_len))
+    # Spread over the whole held-out stream, so every held-out module is represented.
+    starts = np.linspace(0, corpus.heldout.size - stride, count).astype(np.int64)
+    heldout = jnp.asarray(_windows(corpus.heldout, starts, settings.seq_len))
 
     def heldout_loss(params) -> float:
         return float(np.mean([eval_loss(params, heldout[i : i + 32]) for i in range(0, count, 32)]))
@@ -96,6 +98,7 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, log=print) -> dict:
     for step in bar:
         starts = rng.integers(0, corpus.train.size - stride, settings.batch_size)
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(_windows(corpus.train, starts, settings.seq_len)))
+        loss.block_until_ready()  # so the bar's rate and ETA measure compute, not dispatch
         if step % 25 == 0 or step == settings.steps - 1:
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens_per_step * (step + 1) / elapsed:,.0f}")
