@@ -1,6 +1,6 @@
 """Position-indexed decode caches shared by the attention family (GQA, sliding window, MLA, TPLA).
 
-A cache row holds one sequence. Token at position p goes to slot p (global attention) or, with a
+A cache row holds one sequence. Token at position p goes to slot p (full-context attention) or, with a
 sliding window, to a ring buffer of `sink_tokens + window` slots: positions below `sink_tokens`
 keep their own slot forever (StreamingLLM's attention sinks) and the rest rotate through the
 `window` remaining slots. Memory is therefore constant however long decoding runs.
