@@ -65,9 +65,11 @@ class AttentionConfig:
         if not 0 < rotary <= self.head_dim or rotary % 2:
             raise ConfigError(f"{field}.rotary_dim", f"must be even and in (0, {self.head_dim}], got {rotary}")
 
-    def cache_layout(self) -> tuple:
-        """What a layer sharing this layer's KV must agree with."""
-        return (self.num_kv_heads, self.head_dim, self.window, self.sink_tokens)
+    def kv_layout(self) -> dict:
+        """What a layer reading this layer's K/V must agree with: cache shape, window, and the RoPE
+        its (already rotated) keys carry."""
+        names = ("num_kv_heads", "head_dim", "window", "sink_tokens", "rope_base", "rotary_dim")
+        return {name: getattr(self, name) for name in names}
 
 
 @struct.dataclass

@@ -80,13 +80,11 @@ class ModelConfig:
         src = self.layers[source]
         if src.mixer != layer.mixer:
             raise ConfigError(field, f"layer {source} is {src.mixer!r}, not {layer.mixer!r}")
-        mine, theirs = layer.mixer_config, src.mixer_config
-        for name in ("num_kv_heads", "head_dim", "window", "sink_tokens", "rope_base", "rotary_dim"):
-            if getattr(mine, name) != getattr(theirs, name):
+        mine, theirs = layer.mixer_config.kv_layout(), src.mixer_config.kv_layout()
+        for name in mine:
+            if mine[name] != theirs[name]:
                 raise ConfigError(
-                    field,
-                    f"layer {source} has a different KV layout: {name}={getattr(theirs, name)!r} there, "
-                    f"{getattr(mine, name)!r} here",
+                    field, f"layer {source} has a different KV layout: {name}={theirs[name]!r} there, {mine[name]!r} here"
                 )
 
     def kv_sources(self) -> frozenset[int]:
