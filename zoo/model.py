@@ -93,9 +93,12 @@ class DecoderLM(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
-    """One cache per layer; a layer that reads another layer's KV gets an empty one."""
+    """One cache per layer (each mixer's own `init_cache`); a layer that reads another layer's KV gets
+    an empty one, a recurrent layer a fixed-size state."""
     dtype = jnp.dtype(config.dtype) if dtype is None else dtype
-    return tuple(MIXERS[l.mixer].init_cache(l.mixer_config, batch, max_len, dtype) for l in config.layers)
+    return tuple(
+        MIXERS[l.mixer].module(l.mixer_config, config.d_model).init_cache(batch, max_len, dtype) for l in config.layers
+    )
 
 
 def init_params(config: ModelConfig, key: jax.Array):
