@@ -22,17 +22,34 @@ def _demo(args) -> int:
 
 
 def _presets(args) -> int:
-    from zoo.model import count_params
+    from zoo.model import count_params, decode_state_bytes
     from zoo.presets import PRESETS, get_preset
 
-    print(f"{'preset':<22}{'params':>14}  {'layers':>6}  mixers")
+    context = 32768
+    header = f"{'preset':<22}{'params':>14}  {'layers':>6}  "
+    if args.memory:
+        header += f"{'cache@32K':>11}  {'bytes/token':>11}  {'attention':>10}  {'recurrent':>10}  "
+    print(header + "mixers")
     for name in sorted(PRESETS):
         if args.filter and args.filter not in name:
             continue
         config = get_preset(name)
         mixers = ",".join(sorted({l.mixer for l in config.layers}))
-        print(f"{name:<22}{count_params(config):>14,}  {config.n_layers:>6}  {mixers}")
+        row = f"{name:<22}{count_params(config):>14,}  {config.n_layers:>6}  "
+        if args.memory:
+            split = decode_state_bytes(config, context)
+            total = split["attention"] + split["recurrent"]
+            row += (f"{_mib(total):>11}  {total / context:>11,.0f}  {_mib(split['attention']):>10}  "
+                    f"{_mib(split['recurrent']):>10}  ")
+        print(row + mixers)
+    if args.memory:
+        print(f"\ncache@32K: one sequence's decode state for a {context:,}-token context (attention KV in bfloat16, "
+              "recurrent state in float32); bytes/token = cache@32K / 32768.")
     return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _generate(args) -> int:
@@ -65,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list model presets with parameter counts")
     presets.add_argument("filter", nargs="?", help="only names containing this")
+    presets.add_argument("--memory", action="store_true",
+                         help="also print each preset's decode state size for a 32K context")
     presets.set_defaults(run=_presets)
 
     gen = sub.add_parser("generate", help="sample from a checkpoint (byte-level models)")

@@ -118,3 +118,14 @@ def count_params(config: ModelConfig) -> int:
 
 def cache_bytes(cache) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+
+
+def decode_state_bytes(config: ModelConfig, context: int, dtype=jnp.bfloat16) -> dict[str, int]:
+    """Bytes of one sequence's decode cache at `context` tokens, split into the attention layers'
+    caches (which grow with context, up to their window) and the recurrent layers' fixed states.
+    Computed from shapes only: nothing is allocated."""
+    shapes = jax.eval_shape(lambda: init_cache(config, 1, context, dtype))
+    split = {"attention": 0, "recurrent": 0}
+    for layer, cache in zip(config.layers, shapes):
+        split["recurrent" if MIXERS[layer.mixer].recurrent else "attention"] += cache_bytes(cache)
+    return split
