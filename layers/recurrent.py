@@ -81,7 +81,7 @@ def short_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segment_
     """Causal depthwise convolution y_t = sum_j kernel[j] x_{t-W+1+j} (+ bias), never across documents.
 
     x [B, T, ...channels], kernel [W, ...channels]; `past` [B, W-1, ...] are the inputs before x with
-    their segment ids (zeros / NO_SEGMENT when starting fresh). Returns y and the new `past`.
+    their segment ids (zeros / NO_SEGMENT when starting fresh). Returns y (float32) and the new `past`.
     """
     width = kernel.shape[0]
     batch, length = x.shape[:2]
@@ -97,7 +97,7 @@ def short_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segment_
         y = y + jnp.where(same, inputs[:, j : j + length].astype(jnp.float32), 0.0) * kernel[j].astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype), inputs[:, length:]
+    return y, inputs[:, length:]
 
 
 def naive_scan(step: Callable, state, inputs: tuple, carry: jax.Array):
@@ -180,11 +180,12 @@ def conv_uniform_init(width: int):
 def conv_silu(module, name: str, x: jax.Array, axes: tuple, *, width: int, bias: bool, segment_ids, cache):
     """A named short convolution followed by SiLU (the Mamba / DeltaNet / xLSTM input path).
 
-    Creates `{name}_conv` [width, ...channels] (and `{name}_conv_bias`); returns (y, past inputs)."""
+    Creates `{name}_conv` [width, ...channels] (and `{name}_conv_bias`); returns (y in float32: it
+    feeds the recurrence and its gates, which amplify rounding; past inputs in x's dtype)."""
     init = conv_uniform_init(width)
     channels = x.shape[2:]
     kernel = weight(module, f"{name}_conv", (width, *channels), (None, *axes), init=init, dtype=module.param_dtype)
     b = weight(module, f"{name}_conv_bias", channels, axes, init=init, dtype=module.param_dtype) if bias else None
     past, past_segments = (None, None) if cache is None else (cache.conv[name], cache.segments)
     y, past = short_conv(x, kernel, b, segment_ids, past, past_segments)
-    return jax.nn.silu(y.astype(jnp.float32)).astype(x.dtype), past
+    return jax.nn.silu(y), past

@@ -188,8 +188,8 @@ class MLSTM(nn.Module):
 
         def blockdiag(name, inputs):
             w = weight(self, name, (inner // block, block, block), ("mlp", None, None), init=blockdiag_init, dtype=pd)
-            blocks = inputs.reshape(batch, length, inner // block, block)
-            return jnp.einsum("btnj,nji->btni", blocks, w.astype(self.dtype)).reshape(batch, length, heads, dim)
+            blocks = inputs.astype(jnp.float32).reshape(batch, length, inner // block, block)
+            return jnp.einsum("btnj,nji->btni", blocks, w.astype(jnp.float32)).reshape(batch, length, heads, dim)
 
         q = blockdiag("q_proj", x_c).astype(jnp.float32)
         k = blockdiag("k_proj", x_c).astype(jnp.float32)
@@ -283,7 +283,7 @@ class SLSTM(nn.Module):
 
         def headwise(name, inputs):
             w = weight(self, name, (heads, dim, dim), ("heads", None, None), init=blockdiag_init, dtype=pd)
-            return jnp.einsum("bthj,hji->bthi", inputs.reshape(batch, length, heads, dim), w.astype(self.dtype))
+            return jnp.einsum("bthj,hji->bthi", inputs.astype(jnp.float32).reshape(batch, length, heads, dim), w.astype(jnp.float32))
 
         gates_x = jnp.stack(
             [headwise("i_proj", x_c), headwise("f_proj", x_c), headwise("z_proj", x), headwise("o_proj", x)], axis=2

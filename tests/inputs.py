@@ -50,3 +50,29 @@ def decode_in_chunks(module, params, x, positions, segments, chunks, max_len, dt
 def single_document(x):
     batch, length = x.shape[:2]
     return np.tile(np.arange(length, dtype=np.int32), (batch, 1)), np.ones((batch, length), np.int32)
+
+
+def decode_on_mesh(module, params, x, positions, segments, chunks, max_len, rules):
+    """decode_in_chunks under a (data=2, fsdp=1, tensor=4) mesh of 8 fake devices, the cache placed
+    by its logical axes through `rules`. Returns outputs and the (sharded) final cache."""
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        cache = module.init_cache(x.shape[0], max_len, jnp.float32)
+        shardings = jax.tree.map(
+            lambda axes: NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules)),
+            cache.logical_axes(), is_leaf=lambda a: isinstance(a, tuple),
+        )
+        cache = jax.device_put(cache, shardings)
+        step = jax.jit(
+            lambda p, c, xs, pos, seg: module.apply({"params": p}, xs, positions=pos, segment_ids=seg, cache=c),
+            out_shardings=(None, shardings),
+        )
+        outs, start = [], 0
+        for size in chunks:
+            sl = slice(start, start + size)
+            y, cache = step(params, cache, jnp.asarray(x[:, sl]), positions[:, sl], segments[:, sl])
+            outs.append(y)
+            start += size
+    return np.concatenate(outs, axis=1), cache

@@ -8,6 +8,17 @@ import numpy as np
 
 # Tolerances against these float64 references, per compute dtype: max |zoo - ref| / max |ref|.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-2}
+# RetNet normalises each head's retention output (GroupNorm, eps 1e-6). Where a head's output nearly
+# cancels (q.k ~ 0, e.g. on a document's first token) its variance is near eps, and float32 rounding
+# of that dot product passes through undamped: at worst ~ u |q||k||v| / sqrt(eps) ~ 1e-3 of the output
+# (measured: 1e-4 in 1 of 40 seeds of the tiny model). Two float32 paths through RetNet agree to this.
+RETNET_FLOAT32_TOLERANCE = 1e-3
+
+
+def tolerance(mixer_or_family: str, dtype: str) -> float:
+    if dtype == "float32" and mixer_or_family == "retnet":
+        return RETNET_FLOAT32_TOLERANCE
+    return TOLERANCE[dtype]
 
 
 def relative_error(actual, expected) -> float:

@@ -65,3 +65,14 @@ def test_presets_command_lists_counts(capsys):
     out = capsys.readouterr().out
     assert "gqa-tiny" in out and "tpla-tiny" in out and "125m" not in out
     assert main(["generate", "/nonexistent/ckpt"]) == 2
+
+
+def test_presets_memory_column_is_the_decode_state_at_32k(capsys):
+    assert main(["presets", "--memory", "tiny"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if "-tiny" in line}
+    # gqa-tiny: 4 layers x (K and V: 2 kv heads x 16 dims x 2 bytes each, + position and segment int32) per token.
+    # Columns: name, params, layers, cache@32K (value, unit), bytes/token, attention, recurrent, mixers.
+    assert rows["gqa-tiny"][5] == f"{4 * (2 * 2 * 16 * 2 + 8):,}"
+    # A pure recurrent model has no attention cache, and its fixed state spread over 32K tokens is tiny.
+    assert rows["mamba2-tiny"][6:8] == ["0.0", "MiB"]
+    assert int(rows["mamba2-tiny"][5].replace(",", "")) < 10

@@ -1,15 +1,13 @@
 """MLA (expanded prefill, absorbed decode) and TPLA against the naive reference and each other.
 Tolerances: tests/reference.py TOLERANCE (fp32 1e-5, bf16 4e-2, relative to max |output|)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
 
 import reference
-from inputs import decode_in_chunks, forward, init, packed_batch, single_document
+from inputs import decode_in_chunks, decode_on_mesh, forward, init, packed_batch, single_document
 from zoo.errors import ConfigError
 from zoo.layers.mla import MLA, MLAConfig, TPLAConfig, hadamard_matrix, pca_transform
 from zoo.model import cache_bytes
@@ -141,26 +139,11 @@ def test_tpla_under_mesh_shards_latent_on_tensor_axis(rng):
     x, positions, segments, _, tpla, params = mla_and_tpla(rng, tp=tp, transform="hadamard")
     single, _ = decode_in_chunks(tpla, params, x, positions, segments, [1] * 16, 32)
 
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("data", "fsdp", "tensor"))
     rules = (("batch", "data"), ("cache_batch", "data"), ("latent_shards", "tensor"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        cache = tpla.init_cache(2, 32, jnp.float32)
-        shardings = jax.tree.map(
-            lambda axes: NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules)),
-            cache.logical_axes(), is_leaf=lambda a: isinstance(a, tuple),
-        )
-        cache = jax.device_put(cache, shardings)
-        step = jax.jit(
-            lambda p, c, xs, pos, seg: tpla.apply({"params": p}, xs, positions=pos, segment_ids=seg, cache=c),
-            out_shardings=(None, shardings),
-        )
-        outs = []
-        for t in range(16):
-            y, cache = step(params, cache, jnp.asarray(x[:, t : t + 1]), positions[:, t : t + 1], segments[:, t : t + 1])
-            outs.append(y)
+    sharded, cache = decode_on_mesh(tpla, params, x, positions, segments, [1] * 16, 32, rules)
     assert tuple(cache.entries["c_kv"].sharding.spec) == ("data", None, "tensor", None)
     assert cache.entries["c_kv"].addressable_shards[0].data.shape == (1, 32, 1, BASE["kv_lora_rank"] // tp)
-    np.testing.assert_allclose(np.concatenate(outs, 1), single, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
