@@ -36,7 +36,10 @@ def forward(module, params, x, positions, segments):
 def decode_in_chunks(module, params, x, positions, segments, chunks, max_len, dtype=jnp.float32):
     """Feed x through the mixer's cache path in chunks (sizes summing to T); returns outputs and cache."""
     step = jax.jit(lambda p, c, xs, pos, seg: module.apply({"params": p}, xs, positions=pos, segment_ids=seg, cache=c))
-    cache = module.init_cache(x.shape[0], max_len, dtype)
+    return _feed(step, params, module.init_cache(x.shape[0], max_len, dtype), x, positions, segments, chunks)
+
+
+def _feed(step, params, cache, x, positions, segments, chunks):
     outs, start = [], 0
     for size in chunks:
         sl = slice(start, start + size)
@@ -69,10 +72,5 @@ def decode_on_mesh(module, params, x, positions, segments, chunks, max_len, rule
             lambda p, c, xs, pos, seg: module.apply({"params": p}, xs, positions=pos, segment_ids=seg, cache=c),
             out_shardings=(None, shardings),
         )
-        outs, start = [], 0
-        for size in chunks:
-            sl = slice(start, start + size)
-            y, cache = step(params, cache, jnp.asarray(x[:, sl]), positions[:, sl], segments[:, sl])
-            outs.append(y)
-            start += size
-    return np.concatenate(outs, axis=1), cache
+        outs, cache = _feed(step, params, cache, x, positions, segments, chunks)
+    return np.asarray(outs), cache
