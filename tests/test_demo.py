@@ -1,16 +1,12 @@
-"""The embedded corpus, the byte tokenizer, checkpoints and the `zoo` CLI (demo, presets, generate)."""
+"""The embedded corpus, the byte tokenizer and the `zoo` CLI (demo, presets, generate)."""
 
-import jax
 import numpy as np
-import pytest
 
-from zoo import checkpoint
 from zoo.cli import main
 from zoo.corpus import is_heldout, load_stdlib_corpus, stdlib_sources
 from zoo.demo import DemoSettings, run_demo
-from zoo.model import init_params
-from zoo.presets import get_preset
 from zoo.tokenizer import ByteTokenizer
+from zoo.train.checkpoint import load_model
 
 
 def test_stdlib_corpus_splits_by_module():
@@ -32,26 +28,15 @@ def test_byte_tokenizer_round_trips(rng):
     assert tok.decode(ids) == text
 
 
-def test_checkpoint_round_trip_and_no_overwrite(tmp_path):
-    config = get_preset("mla-tiny")
-    params = init_params(config, jax.random.key(3))
-    checkpoint.save(tmp_path / "ckpt", params, config)
-    loaded_config, loaded = checkpoint.load(tmp_path / "ckpt")
-    assert loaded_config == config
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    with pytest.raises(FileExistsError):
-        checkpoint.save(tmp_path / "ckpt", params, config)
-    with pytest.raises(FileNotFoundError, match="not a zoo checkpoint"):
-        checkpoint.load(tmp_path)
-
-
 def test_demo_trains_saves_and_generates(tmp_path, capsys):
-    settings = DemoSettings(steps=40, batch_size=8, seq_len=64, eval_windows=16, sample_tokens=24)
+    settings = DemoSettings(steps=40, batch_size=8, seq_len=64, eval_rows=16, sample_tokens=24)
     result = run_demo(settings, tmp_path / "run")
     assert result["heldout_loss"] < result["initial_loss"] - 1.0  # from ~ln(320) = 5.8 nats/byte
     assert result["sample"].startswith("def ") and len(result["sample"]) > 4
-    config, _ = checkpoint.load(result["checkpoint"])
-    assert config.vocab_size == ByteTokenizer.padded_vocab_size
+    config, _, tokenizer, step = load_model(tmp_path / "run")
+    assert config.vocab_size == ByteTokenizer.padded_vocab_size and step == 40
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
 
     capsys.readouterr()
     assert main(["generate", result["checkpoint"], "--prompt", "import ", "--max-new-tokens", "8"]) == 0

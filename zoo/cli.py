@@ -21,6 +21,36 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from zoo.train.mesh import initialize_distributed
+
+    initialize_distributed(force=args.distributed)  # before anything touches the devices
+    import json
+
+    from zoo.train.config import TrainConfig
+    from zoo.train.trainer import CONFIG_FILE, train
+
+    assignments = list(args.set or [])
+    for flag, key in (("preset", "preset"), ("data", "data.source"), ("eval_data", "data.eval_source"),
+                      ("tokenizer", "data.tokenizer"), ("mesh", "mesh"), ("steps", "steps"),
+                      ("batch_size", "batch_size"), ("seq_len", "data.seq_len")):
+        if getattr(args, flag) is not None:
+            assignments.insert(0, f"{key}={getattr(args, flag)}")
+    if args.resume and args.out:
+        raise ValueError("give --resume RUN or --out DIR, not both")
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{out} is not a zoo run directory (no {CONFIG_FILE})")
+        base = TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text()))
+    else:
+        preset = args.preset or TrainConfig.preset
+        out = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = TrainConfig()
+    result = train(base.with_overrides(assignments), out)
+    return 3 if result.stopped_early else 0
+
+
 def _presets(args) -> int:
     from zoo.model import count_params, decode_state_bytes
     from zoo.presets import PRESETS, get_preset
@@ -53,13 +83,11 @@ def _mib(n: int) -> str:
 
 
 def _generate(args) -> int:
-    from zoo import checkpoint
     from zoo.generate import Generator, Sampling
-    from zoo.tokenizer import ByteTokenizer
+    from zoo.train.checkpoint import load_model
 
-    config, params = checkpoint.load(args.checkpoint)
-    tokenizer = ByteTokenizer()
-    generator = Generator(config, params, pad_id=tokenizer.pad_id)
+    config, params, tokenizer, _ = load_model(args.checkpoint)
+    generator = Generator(config, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = generator([tokenizer.encode(args.prompt)], args.max_new_tokens, sampling, seed=args.seed)[0]
     print(args.prompt + tokenizer.decode(out))
@@ -80,13 +108,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP); must be new or empty")
     demo.set_defaults(run=_demo)
 
+    tr = sub.add_parser(
+        "train", help="train a preset on a dataset over a device mesh (resumes a run directory with checkpoints)",
+        description="Train a model. Every setting is a TrainConfig field, changed with --set key=value "
+                    "(e.g. --set optim.learning_rate=1e-3 --set data.seq_len=1024 --set model.vocab_size=32768); "
+                    "the flags below are shortcuts. Re-running with the same --out, or --resume RUN, continues "
+                    "from the latest checkpoint.")
+    tr.add_argument("--preset", help="model preset (see `zoo presets`); default gqa-tiny")
+    tr.add_argument("--data", help="'stdlib' (default, offline), a .txt/.jsonl/.parquet file, directory or glob, "
+                                   "or a Hugging Face Hub dataset name")
+    tr.add_argument("--eval-data", help="held-out data (default: the source's validation split or its tail)")
+    tr.add_argument("--tokenizer", help="'byte' (default) or a tokenizer.json (or a directory with one)")
+    tr.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--batch-size", type=int, help="global batch in sequences")
+    tr.add_argument("--seq-len", type=int)
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting; repeatable")
+    tr.add_argument("--out", help="run directory (default runs/PRESET-TIMESTAMP)")
+    tr.add_argument("--resume", metavar="RUN", help="continue RUN with its saved settings (--set may change steps, "
+                                                    "cadences and the mesh)")
+    tr.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() even if the launcher is not recognised")
+    tr.set_defaults(run=_train)
+
     presets = sub.add_parser("presets", help="list model presets with parameter counts")
     presets.add_argument("filter", nargs="?", help="only names containing this")
     presets.add_argument("--memory", action="store_true",
                          help="also print each preset's decode state size for a 32K context")
     presets.set_defaults(run=_presets)
 
-    gen = sub.add_parser("generate", help="sample from a checkpoint (byte-level models)")
+    gen = sub.add_parser("generate", help="sample from a checkpoint (a run directory or one of its steps)")
     gen.add_argument("checkpoint")
     gen.add_argument("--prompt", default="def ")
     gen.add_argument("--max-new-tokens", type=int, default=200)
@@ -105,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged; the message names the last good checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
