@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from zoo.corpus import load_stdlib_corpus
-from zoo.demo import next_token_loss
+from zoo.train.step import token_losses
 from zoo.generate import Generator, Sampling
 from zoo.layers import MIXERS
 from zoo.model import DecoderLM, cache_bytes, decode_state_bytes, init_cache, init_params
@@ -34,7 +34,7 @@ def test_tiny_preset_trains_with_falling_loss(family, corpus, rng):
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(model.apply({"params": p}, batch[:, :-1])[0], batch[:, 1:]))(params)
+        loss, grads = jax.value_and_grad(lambda p: token_losses(model.apply({"params": p}, batch[:, :-1])[0], batch[:, 1:])[0].mean())(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -12,12 +12,14 @@ import shutil
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from zoo.cli import main
 from zoo.errors import ConfigError
+from zoo.model import DecoderLM, init_params
 from zoo.presets import get_preset
 from zoo.tokenizer import ByteTokenizer
 from zoo.train import data as data_lib
@@ -131,6 +133,25 @@ def test_sharded_step_equals_single_device_step(which, rng):
         for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * LEARNING_RATE, err_msg=str(name))
     assert ref_metrics["tokens"] == batch["weights"].sum()
+
+
+@pytest.mark.parametrize("preset", ["mixattention-tiny", "hybrid"])
+def test_remat_changes_memory_not_gradients(preset, rng):
+    """Rematerialisation recomputes the same values in the backward pass (fp32: 1e-5 of the scale;
+    the recomputed forward may fuse, and so round, differently)."""
+    config = _hybrid_tiny() if preset == "hybrid" else get_preset(preset)
+    params = init_params(config, jax.random.key(2))
+    tokens = jnp.asarray(rng.integers(0, 300, (2, 24)), jnp.int32)
+
+    def loss(params, remat):
+        logits = DecoderLM(config, remat=remat).apply({"params": params}, tokens)[0]
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    want = grad(params, "none")
+    for remat in ("dots", "full"):
+        for got, ref in zip(jax.tree.leaves(grad(params, remat)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()) + 1e-12)
 
 
 # --- optimizer ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import jax
 
 from zoo.config import ModelConfig
 from zoo.errors import ConfigError
+from zoo.model import REMAT_POLICIES
 from zoo.presets import get_preset
 from zoo.train.data import DataConfig
 from zoo.train.optim import OptimConfig
@@ -35,6 +36,7 @@ class TrainConfig:
     seed: int = 0  # parameter initialisation
     mesh: str = ""  # e.g. "data=2,fsdp=2,tensor=2"; "" puts every device on "data"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU / TPU, float32 on CPU; master params stay float32
+    remat: str = "none"  # "dots": recompute attention scores / scan internals in the backward; "full": whole blocks
     log_every: int = 10
     eval_every: int = 250
     checkpoint_every: int = 500
@@ -51,6 +53,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError("grad_accum", f"batch_size {self.batch_size} does not split into {self.grad_accum} "
                                             "equal micro-batches")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError("remat", f"must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError("compute_dtype", f"must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         self.data.validate()

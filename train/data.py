@@ -18,6 +18,7 @@ prediction ever crosses a document boundary.
 from __future__ import annotations
 
 import glob
+import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +57,10 @@ class DataConfig:
 
 # --- sources ------------------------------------------------------------------------------------
 def _stdlib_documents() -> tuple[datasets.Dataset, datasets.Dataset]:
-    files = stdlib_sources()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_sources(root)
     if not files:
-        raise FileNotFoundError("no Python standard library sources found: cannot build the default corpus")
-    root = Path(files[0])
-    while not all(Path(f).is_relative_to(root) for f in files):
-        root = root.parent
+        raise FileNotFoundError(f"no Python sources under {root}: cannot build the default corpus")
     split = {"train": [], "heldout": []}
     for path in files:
         text = path.read_bytes().decode("utf-8", errors="replace")

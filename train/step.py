@@ -101,9 +101,10 @@ def _microbatches(batch, accumulate: int):
 
 
 def make_train_step(config: ModelConfig, optimizer, mesh: Mesh, shardings: TrainState, *, accumulate: int = 1,
-                    z_loss: float = 0.0, learning_rate=None, rules=LOGICAL_RULES):
-    """The jitted step (state, batch) -> (state, metrics). The state's buffers are donated."""
-    model = DecoderLM(config)
+                    z_loss: float = 0.0, learning_rate=None, remat: str = "none", rules=LOGICAL_RULES):
+    """The jitted step (state, batch) -> (state, metrics). The state's buffers are donated.
+    `remat`: zoo.model.REMAT_POLICIES (activation memory against recomputation)."""
+    model = DecoderLM(config, remat=remat)
 
     def micro_grads(params, micro, total_weight):
         def loss(params):

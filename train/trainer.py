@@ -131,7 +131,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, log=print, progress: bool
     start = int(state.step)
 
     step_fn = make_train_step(model_config, optimizer, mesh, shardings, accumulate=config.grad_accum,
-                              z_loss=config.optim.z_loss,
+                              z_loss=config.optim.z_loss, remat=config.remat,
                               learning_rate=learning_rate_schedule(config.optim, config.steps))
     eval_fn = make_eval_step(model_config, mesh, shardings)
     metrics = MetricsLog(run_dir, enabled=primary)

@@ -26,8 +26,13 @@ class Block(nn.Module):
     index: int
 
     @nn.compact
-    def __call__(self, x, *, positions, segment_ids, cache=None, **sharing):
+    def __call__(self, x, positions, segment_ids, cache=None, shared_kv=None, return_kv=False):
         cfg = self.config
+        sharing = {}
+        if shared_kv is not None:
+            sharing["shared_kv"] = shared_kv
+        if return_kv:
+            sharing["return_kv"] = True
         layer = cfg.layers[self.index]
         mixer = MIXERS[layer.mixer].module(
             layer.mixer_config, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
@@ -45,8 +50,22 @@ class Block(nn.Module):
         return (x, *out[1:])
 
 
+REMAT_POLICIES = {
+    "none": None,
+    # Keep the projections' outputs, recompute what is quadratic in the chunk or the sequence
+    # (attention scores, chunked-scan intermediates) in the backward pass.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep only each block's input; recompute the whole block.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class DecoderLM(nn.Module):
+    """`remat` (a key of REMAT_POLICIES) trades recomputation for activation memory in training; it
+    is not part of the model's definition and changes no parameter or output."""
+
     config: ModelConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
@@ -66,16 +85,18 @@ class DecoderLM(nn.Module):
         x = jnp.take(embed, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "embed"))
 
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        block = Block
+        if self.remat != "none" and cache is None:
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(6,))  # return_kv
         sources = cfg.kv_sources()
         views, new_cache = {}, []
         for i, layer in enumerate(cfg.layers):
-            sharing = {}
-            if i in sources:
-                sharing["return_kv"] = True
-            if (source := getattr(layer.mixer_config, "shared_kv_source", None)) is not None:
-                sharing["shared_kv"] = views[source]
-            out = Block(cfg, i, name=f"layer_{i}")(
-                x, positions=positions, segment_ids=segment_ids, cache=None if cache is None else cache[i], **sharing
+            source = getattr(layer.mixer_config, "shared_kv_source", None)
+            out = block(cfg, i, name=f"layer_{i}")(
+                x, positions, segment_ids, None if cache is None else cache[i],
+                None if source is None else views[source], i in sources,
             )
             x = out[0]
             new_cache.append(out[1])
