@@ -11,8 +11,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def rng(request):
-    """A fresh NumPy generator per test; the seed is printed on failure so a run can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % (2**31))
+    """A fresh NumPy generator per test; the seed is printed on failure, and ZOO_TEST_SEED=<seed>
+    replays it."""
+    seed = int(os.environ.get("ZOO_TEST_SEED") or np.random.SeedSequence().entropy % (2**31))
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)

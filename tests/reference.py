@@ -13,11 +13,18 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-2}
 # of that dot product passes through undamped: at worst ~ u |q||k||v| / sqrt(eps) ~ 1e-3 of the output
 # (measured: 1e-4 in 1 of 40 seeds of the tiny model). Two float32 paths through RetNet agree to this.
 RETNET_FLOAT32_TOLERANCE = 1e-3
+# The xLSTM[7:1] model stacks seven mLSTM blocks, each dividing by its normaliser max(|n.q|, exp(-m))
+# and then normalising each head (LayerNorm): the same near-cancellation as RetNet's, damped by the
+# normaliser's floor. Measured: 2.0e-5 for decode vs forward (seed 2015419404, CI on 2026-11-22),
+# within 1e-5 for other seeds seen.
+XLSTM_MODEL_FLOAT32_TOLERANCE = 1e-4
 
 
 def tolerance(mixer_or_family: str, dtype: str) -> float:
     if dtype == "float32" and mixer_or_family == "retnet":
         return RETNET_FLOAT32_TOLERANCE
+    if dtype == "float32" and mixer_or_family == "xlstm-7-1":
+        return XLSTM_MODEL_FLOAT32_TOLERANCE
     return TOLERANCE[dtype]
 
 

@@ -354,6 +354,9 @@ def test_zoo_train_command_resumes_and_refuses_changed_settings(tmp_path, capsys
     assert main(args[:-2] + ["--set", "optim.learning_rate=1"]) == 2
     assert "different settings (optim.learning_rate)" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--steps", "1"]) == 2  # non-empty, not a run
+    bad = tmp_path / "bad"
+    assert main(["train", "--out", str(bad), "--data", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err and not bad.exists()  # a failed start leaves no run
     assert main(["generate", out, "--prompt", "x", "--max-new-tokens", "4"]) == 0
 
 

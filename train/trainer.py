@@ -94,13 +94,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, log=print, progress: bool
     config.validate()
     run_dir = Path(run_dir).absolute()
     resuming = _is_resume(config, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    if primary:
-        tmp = run_dir / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(config.to_dict(), indent=2))
-        tmp.replace(run_dir / CONFIG_FILE)
-
     mesh = make_mesh(parse_mesh(config.mesh))
     if config.batch_size % (data_parallel_size(mesh) * config.grad_accum):
         raise ValueError(f"batch_size {config.batch_size} must divide into grad_accum {config.grad_accum} micro-batches "
@@ -117,6 +111,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, log=print, progress: bool
         f"({len(data.train) * config.data.seq_len / tokens_per_step:,.0f} steps an epoch); held out: {data.heldout_origin}")
     iterator = data_lib.BatchIterator(data.train, config.batch_size, config.data.shuffle_seed,
                                       jax.process_index(), jax.process_count())
+
+    # Written once the settings have proved valid, so a mistyped command leaves no run behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if primary:
+        tmp = run_dir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(config.to_dict(), indent=2))
+        tmp.replace(run_dir / CONFIG_FILE)
 
     optimizer = make_optimizer(config.optim, config.steps, nn.unbox(boxed_abstract_params(model_config)))
     shardings = state_shardings(model_config, optimizer, mesh)
