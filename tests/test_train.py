@@ -9,6 +9,7 @@ the same compiled computation on the same inputs, so its losses must be bit-iden
 
 import json
 import shutil
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -32,7 +33,8 @@ from zoo.train.step import (abstract_state, boxed_abstract_params, init_state, m
                             state_shardings)
 from zoo.train.trainer import TrainingDiverged, train
 
-SHAKESPEARE = "../shared/data/tinyshakespeare/input.txt"
+# The shared data folder sits beside the repository (not inside it), wherever pytest is started.
+SHAKESPEARE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 8, 1)]
 
 
@@ -366,7 +368,7 @@ def test_tiny_hybrid_learns_tiny_shakespeare(tmp_path):
     import os
 
     if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"{SHAKESPEARE} is absent (it lives in the shared data folder, not in this repository)")
+        pytest.skip(f"{SHAKESPEARE} is absent (the shared data folder beside the repository)")
     text = open(SHAKESPEARE, "rb").read()
     counts = np.bincount(np.frombuffer(text, np.uint8), minlength=256)
     p = counts[counts > 0] / counts.sum()
