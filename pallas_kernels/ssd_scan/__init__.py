@@ -1,0 +1,6 @@
+"""Chunked scan of the scalar-decay linear recurrence (Mamba-2 SSD, RetNet): Pallas kernels for GPU and
+TPU behind one dispatch (ops.ssd_scan)."""
+
+from zoo.pallas_kernels.ssd_scan.ops import ssd_scan
+
+__all__ = ["ssd_scan"]

@@ -1,0 +1,105 @@
+"""Pallas scan kernels (zoo.pallas_kernels) against their XLA references: forward and every gradient.
+
+On the CPU both the GPU kernel (Triton interpret mode) and the TPU kernel (Mosaic interpret mode) run;
+on a GPU or TPU the compiled kernel of that platform replaces its interpreter (same tests; run them
+there with JAX_PLATFORMS unset)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.reference import TOLERANCE, relative_error
+from zoo.pallas_kernels import dispatch
+from zoo.pallas_kernels.ssd_scan import ssd_scan
+from zoo.pallas_kernels.ssd_scan.reference import ssd_scan_reference
+
+CHUNK = 16
+
+
+def impl_for(platform: str) -> str:
+    return "pallas" if dispatch.resolve("auto").kind == platform else "interpret"
+
+
+def random_documents(rng, batch, length):
+    """Packed rows: a new document starts at ~1 in 12 tokens."""
+    return jnp.asarray(np.cumsum(rng.uniform(size=(batch, length)) < 1 / 12, axis=1), jnp.int32)
+
+
+def scan_inputs(rng, dtype):
+    """Random shapes: T not a multiple of the chunk, grouped q/k, a feature size that is not a power of
+    two; row 0 continues its initial state (last_segment = its first segment), row 1 starts fresh."""
+    batch = 2
+    length = int(rng.integers(2 * CHUNK + 1, 4 * CHUNK)) | 1
+    groups = int(rng.choice([1, 2]))
+    heads = groups * int(rng.choice([1, 2]))
+    dk, dv = int(rng.choice([16, 24])), int(rng.choice([16, 32]))
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype).astype(jnp.float32)
+
+    segment_ids = random_documents(rng, batch, length)
+    last_segment = jnp.stack([segment_ids[0, 0], segment_ids[1, 0] - 1])
+    return dict(
+        q=normal(batch, length, groups, dk), k=normal(batch, length, groups, dk) / np.sqrt(dk),
+        v=normal(batch, length, heads, dv),
+        log_decay=jnp.asarray(-rng.uniform(0.0, 0.7, size=(batch, length, heads)), jnp.float32),
+        segment_ids=segment_ids, state=normal(batch, heads, dk, dv), last_segment=last_segment,
+    )
+
+
+DIFFERENTIABLE = ("q", "k", "v", "log_decay", "state")
+
+
+def loss_and_grads(run, inputs, weights):
+    """A random linear functional of (o, final state) and its gradients wrt every differentiable input."""
+    fixed = {name: inputs[name] for name in ("segment_ids", "last_segment")}
+
+    def loss(*args):
+        o, final = run(**dict(zip(DIFFERENTIABLE, args)), **fixed)
+        return jnp.sum(o.astype(jnp.float32) * weights[0]) + jnp.sum(final * weights[1]), (o, final)
+
+    (_, outputs), grads = jax.value_and_grad(loss, argnums=range(len(DIFFERENTIABLE)), has_aux=True)(
+        *(inputs[name] for name in DIFFERENTIABLE))
+    return outputs, dict(zip(DIFFERENTIABLE, grads))
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ssd_scan_matches_reference(rng, platform, dtype):
+    inputs = scan_inputs(rng, jnp.dtype(dtype))
+    batch, length, heads, dv = inputs["v"].shape
+    weights = (jnp.asarray(rng.normal(size=(batch, length, heads, dv)), jnp.float32),
+               jnp.asarray(rng.normal(size=inputs["state"].shape), jnp.float32))
+
+    def kernel(**a):
+        return ssd_scan(**a, chunk_size=CHUNK, impl=impl_for(platform), dtype=jnp.dtype(dtype), platform=platform)
+
+    def reference(**a):
+        return ssd_scan_reference(**a, chunk_size=CHUNK)
+
+    (o, final), grads = jax.jit(lambda i: loss_and_grads(kernel, i, weights))(inputs)
+    (o_ref, final_ref), grads_ref = jax.jit(lambda i: loss_and_grads(reference, i, weights))(inputs)
+    tol = TOLERANCE[dtype]
+    assert o.dtype == jnp.dtype(dtype)
+    assert relative_error(o.astype(jnp.float32), o_ref) < tol
+    assert relative_error(final, final_ref) < tol
+    for name in DIFFERENTIABLE:
+        assert relative_error(grads[name], grads_ref[name]) < tol, name
+    # Row 1 starts fresh: its initial state gets no gradient; row 0 continues it and does.
+    assert float(jnp.abs(grads["state"][1]).max()) == 0.0 < float(jnp.abs(grads["state"][0]).max())
+
+
+def test_ssd_scan_refuses_bad_requests():
+    inputs = {k: v for k, v in scan_inputs(np.random.default_rng(0), jnp.float32).items()}
+    if dispatch.resolve("auto").kind == "xla":
+        with pytest.raises(ValueError, match="impl='interpret'"):
+            ssd_scan(**inputs, impl="pallas")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ssd_scan(**inputs, impl="triton")
+    with pytest.raises(ValueError, match="power of two"):
+        ssd_scan(**inputs, chunk_size=48, impl="interpret", platform="gpu")
+    with pytest.raises(ValueError, match="G dividing"):
+        ssd_scan(**{**inputs, "q": inputs["q"][:, :, :1, :3]}, impl="interpret")
