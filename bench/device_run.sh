@@ -3,6 +3,8 @@
 # the device image lacks), then run what the arguments name, writing results under $OUT.
 #   bench/device_run.sh bench      train-step throughput / MFU of zoo presets + the transformers peer
 #   bench/device_run.sh train      `zoo train` of a hybrid preset on the embedded corpus (bf16 on GPU)
+#   bench/device_run.sh kernels    the kernel tests compiled on the GPU, then bench/scan_kernels.py (fla peer)
+#   bench/device_run.sh impl-train one hybrid preset trained with kernel_impl=xla and =pallas, curves compared
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -20,4 +22,20 @@ case "${1:-bench}" in
       --set optim.learning_rate=1e-3 --set eval_every=100 --set checkpoint_every=150 --set log_every=25 \
       --out /tmp/run 2>&1) | tr '\r' '\n' | tee "$OUT/train.log" | grep -v "^training: "
     cp /tmp/run/metrics.jsonl /tmp/run/loss_curve.png "$OUT"/ ;;
+  kernels)
+    repo=$PWD
+    # From /tmp (the installed zoo, not the source folder); JAX_PLATFORMS overrides the tests' CPU default
+    # (cpu stays listed: the TPU kernel's interpreter runs its callbacks there).
+    (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider -c "$repo/pyproject.toml" \
+      "$repo/tests/test_scan_kernels.py" 2>&1) | tee "$OUT/kernel_tests.log" | tail -5
+    python3 bench/scan_kernels.py --lengths "${LENGTHS:-2048,4096,8192}" --out "$OUT/scan_kernels.jsonl" 2>&1 \
+      | tee "$OUT/scan_kernels.log" ;;
+  impl-train)
+    for impl in xla pallas; do
+      (cd /tmp && python3 -m zoo.cli train --preset "${PRESET:-mamba2-hybrid-125m}" --steps "${STEPS:-100}" --batch-size 16 \
+        --seq-len 1024 --set optim.learning_rate=1e-3 --set eval_every=50 --set checkpoint_every=1000 --set log_every=1 \
+        --set kernel_impl=$impl --out /tmp/run_$impl 2>&1) | tr '\r' '\n' | grep -v "^training: " | tail -4
+      cp /tmp/run_$impl/metrics.jsonl "$OUT/metrics_$impl.jsonl"
+    done
+    python3 bench/compare_loss_curves.py "$OUT/metrics_xla.jsonl" "$OUT/metrics_pallas.jsonl" --out "$OUT/compare.json" | tail -3 ;;
 esac

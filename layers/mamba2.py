@@ -14,6 +14,7 @@ in [dt_min, dt_max] (floored) with dt_bias its inverse softplus, D = 1, PyTorch 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,9 @@ import jax.numpy as jnp
 
 from zoo.errors import ConfigError
 from zoo.layers.params import constrain, weight
-from zoo.layers.recurrent import RecurrentCache, conv_silu, recur, require_positive
-from zoo.layers.ssd import ssd_chunked, ssd_step
+from zoo.layers.recurrent import RecurrentCache, conv_silu, recur, require_impl, require_positive
+from zoo.layers.ssd import ssd_step
+from zoo.pallas_kernels.ssd_scan import ops as scan_ops  # a module: zoo.layers and the kernels import each other
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,11 @@ class Mamba2Config:
     a_min: float = 1.0
     a_max: float = 16.0
     norm_eps: float = 1e-5
+    impl: str = "auto"  # the chunked scan: "auto" (Pallas on GPU/TPU), "xla", "pallas", "interpret"
 
     def validate(self, field: str) -> None:
         require_positive(self, field, "num_heads", "head_dim", "state_dim", "num_groups", "chunk_size")
+        require_impl(self, field)
         if self.num_heads % self.num_groups:
             raise ConfigError(f"{field}.num_groups", f"must divide num_heads={self.num_heads}, got {self.num_groups}")
         if self.conv_width < 2:
@@ -130,15 +134,18 @@ class Mamba2(nn.Module):
         skip = weight(self, "D", (heads,), ("heads",), init=nn.initializers.ones, dtype=pd)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))  # [B,T,H]
         log_decay = -jnp.exp(a_log.astype(jnp.float32)) * dt
-        per_group = heads // groups
-        k = jnp.repeat(b.astype(jnp.float32), per_group, axis=2)  # [B,T,H,N]
-        q = jnp.repeat(cm.astype(jnp.float32), per_group, axis=2)
         x32 = x.astype(jnp.float32)
         v = x32 * dt[..., None]
 
+        def grouped_step(state, q, k, v, log_decay, carry):
+            return ssd_step(state, *(jnp.repeat(a, heads // groups, axis=1) for a in (q, k)), v, log_decay, carry)
+
+        scan = functools.partial(scan_ops.ssd_scan, impl=c.impl, dtype=self.dtype)
         state = jnp.zeros((u.shape[0], heads, state_dim, dim), jnp.float32) if cache is None else cache.state["ssm"]
         last = None if cache is None else cache.last_segment
-        y, state = recur(self.form, ssd_step, ssd_chunked, (q, k, v, log_decay), segment_ids, state, last, c.chunk_size)
+        inputs = (cm.astype(jnp.float32), b.astype(jnp.float32), v, log_decay)  # q = C, k = B: [B,T,G,N]
+        y, state = recur(self.form, grouped_step, scan, inputs, segment_ids, state, last, c.chunk_size)
+        y = y.astype(jnp.float32)
         y = y + skip.astype(jnp.float32)[:, None] * x32
         y = y * jax.nn.silu(z.astype(jnp.float32))
         norm = weight(self, "norm", (heads, dim), ("heads", "head_dim"), init=nn.initializers.ones, dtype=pd)

@@ -23,6 +23,7 @@ from flax import struct
 
 from zoo.errors import ConfigError
 from zoo.layers.params import weight
+from zoo.pallas_kernels.dispatch import IMPLS
 
 NO_SEGMENT = -1  # segment id of "no token": nothing continues it
 NEG_LOG = -1e30  # log of a zero weight; finite so that max / exp / gradients stay NaN-free
@@ -159,6 +160,12 @@ def recur(form: str, step: Callable, chunked: Callable, inputs: tuple, segment_i
     if form == "naive" or segment_ids.shape[1] == 1:
         return naive_scan(step, state, inputs, continues(segment_ids, last_segment))
     return chunked(*inputs, segment_ids, state, last_segment, chunk_size)
+
+
+def require_impl(config, field: str) -> None:
+    """The `impl` field of a mixer config: which scan implementation its training form runs."""
+    if config.impl not in IMPLS:
+        raise ConfigError(f"{field}.impl", f"must be one of {IMPLS}, got {config.impl!r}")
 
 
 def require_positive(config, field: str, *names: str) -> None:

@@ -16,6 +16,7 @@ learned per-feature scale, as in the paper.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 
 from zoo.errors import ConfigError
 from zoo.layers.params import constrain, weight
-from zoo.layers.recurrent import RecurrentCache, recur, require_positive
+from zoo.layers.recurrent import RecurrentCache, recur, require_impl, require_positive
 from zoo.layers.rope import apply_rope
-from zoo.layers.ssd import ssd_chunked, ssd_step
+from zoo.layers.ssd import ssd_step
+from zoo.pallas_kernels.ssd_scan import ops as scan_ops  # a module: zoo.layers and the kernels import each other
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,11 @@ class RetNetConfig:
     rope_base: float = 10000.0
     chunk_size: int = 64
     norm_eps: float = 1e-6
+    impl: str = "auto"  # the chunked scan: "auto" (Pallas on GPU/TPU), "xla", "pallas", "interpret"
 
     def validate(self, field: str) -> None:
         require_positive(self, field, "num_heads", "head_dim", "value_factor", "chunk_size")
+        require_impl(self, field)
         if self.head_dim % 2:
             raise ConfigError(f"{field}.head_dim", f"must be even for rotary, got {self.head_dim}")
 
@@ -94,7 +98,8 @@ class Retention(nn.Module):
 
         state = jnp.zeros((x.shape[0], heads, dk, dv), jnp.float32) if cache is None else cache.state["retention"]
         last = None if cache is None else cache.last_segment
-        y, state = recur(self.form, ssd_step, ssd_chunked, (q, k, v, log_decay), segment_ids, state, last, c.chunk_size)
+        scan = functools.partial(scan_ops.ssd_scan, impl=c.impl, dtype=self.dtype)
+        y, state = recur(self.form, ssd_step, scan, (q, k, v, log_decay), segment_ids, state, last, c.chunk_size)
         scale = weight(self, "group_norm", (heads, dv), ("heads", None), init=nn.initializers.ones, dtype=pd)
         gate = project("g_proj", dv).astype(jnp.float32)
         y = (jax.nn.silu(gate) * group_norm(y, scale, c.norm_eps)).astype(self.dtype)

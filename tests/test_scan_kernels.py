@@ -6,12 +6,17 @@ there with JAX_PLATFORMS unset)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.reference import TOLERANCE, relative_error
+from inputs import forward, init, packed_batch
+from reference import TOLERANCE, relative_error, tolerance
+from zoo.layers.mamba2 import Mamba2, Mamba2Config
+from zoo.layers.retnet import RetNetConfig, Retention
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.ssd_scan import ssd_scan
 from zoo.pallas_kernels.ssd_scan.reference import ssd_scan_reference
@@ -81,7 +86,8 @@ def test_ssd_scan_matches_reference(rng, platform, dtype):
         return ssd_scan_reference(**a, chunk_size=CHUNK)
 
     (o, final), grads = jax.jit(lambda i: loss_and_grads(kernel, i, weights))(inputs)
-    (o_ref, final_ref), grads_ref = jax.jit(lambda i: loss_and_grads(reference, i, weights))(inputs)
+    with jax.default_matmul_precision("float32"):  # no TF32 in the reference on a GPU
+        (o_ref, final_ref), grads_ref = jax.jit(lambda i: loss_and_grads(reference, i, weights))(inputs)
     tol = TOLERANCE[dtype]
     assert o.dtype == jnp.dtype(dtype)
     assert relative_error(o.astype(jnp.float32), o_ref) < tol
@@ -103,3 +109,32 @@ def test_ssd_scan_refuses_bad_requests():
         ssd_scan(**inputs, chunk_size=48, impl="interpret", platform="gpu")
     with pytest.raises(ValueError, match="G dividing"):
         ssd_scan(**{**inputs, "q": inputs["q"][:, :, :1, :3]}, impl="interpret")
+
+
+LAYERS = {
+    "mamba2": (Mamba2, Mamba2Config(num_heads=4, head_dim=8, state_dim=16, num_groups=2, chunk_size=CHUNK)),
+    "retnet": (Retention, RetNetConfig(num_heads=2, head_dim=8, chunk_size=CHUNK)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers_run_the_kernel_with_the_same_result(name, rng):
+    """A mixer with impl="pallas"/"interpret" equals impl="xla": output, parameter and input gradients
+    (float32, packed rows, length not a multiple of the chunk)."""
+    module_type, config = LAYERS[name]
+    x, positions, segments = packed_batch(rng, 2, 2 * CHUNK + 7, 16)
+    xla = module_type(dataclasses.replace(config, impl="xla"), 16)
+    kernel = module_type(dataclasses.replace(config, impl=impl_for("gpu")), 16)
+    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32),
+                          init(xla, x, positions, segments, seed=int(rng.integers(1 << 30))))
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+
+    def outputs_and_grads(module):
+        loss = lambda p, xs: jnp.sum(forward(module, p, xs, positions, segments) * cotangent)  # noqa: E731
+        return forward(module, params, x, positions, segments), jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+    with jax.default_matmul_precision("float32"):  # no TF32 on a GPU, in either
+        (out, grads), (out_ref, grads_ref) = outputs_and_grads(kernel), outputs_and_grads(xla)
+    assert relative_error(out, out_ref) < tolerance(name, "float32")
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert relative_error(got, want) < 1e-4  # gradients sum more terms (as in test_recurrent)

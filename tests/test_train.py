@@ -263,6 +263,16 @@ def test_overrides_parse_by_type_and_reject_unknown_keys():
         TrainConfig().model_config(32000)
 
 
+def test_kernel_impl_reaches_every_recurrent_layer():
+    model = TrainConfig(preset="gdn-h2-tiny", kernel_impl="xla").model_config(259)
+    impls = [getattr(layer.mixer_config, "impl", None) for layer in model.layers]
+    assert "xla" in impls and set(impls) <= {"xla", None}  # attention layers have no scan kernel
+    assert {getattr(layer.mixer_config, "impl", None) for layer in TrainConfig(preset="gdn-h2-tiny").model_config(259).layers} <= {"auto", None}
+    with pytest.raises(ConfigError) as e:
+        TrainConfig().with_overrides(["kernel_impl=cuda"])
+    assert e.value.field == "kernel_impl"
+
+
 # --- checkpoints, resume, restore onto other meshes ------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):

@@ -16,6 +16,7 @@ import jax
 from zoo.config import ModelConfig
 from zoo.errors import ConfigError
 from zoo.model import REMAT_POLICIES
+from zoo.pallas_kernels.dispatch import IMPLS
 from zoo.presets import get_preset
 from zoo.train.data import DataConfig
 from zoo.train.optim import OptimConfig
@@ -24,7 +25,9 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 # Fields a resumed run may change: how long it runs, how it reports, and the mesh it runs on.
 # Anything else would make the resumed run a different run.
-RESUMABLE_FIELDS = frozenset({"steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "mesh"})
+# The scan kernel implementation computes the same model, so it may change too (e.g. a TPU run resumed on GPU).
+RESUMABLE_FIELDS = frozenset({"steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "mesh",
+                              "kernel_impl"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class TrainConfig:
     mesh: str = ""  # e.g. "data=2,fsdp=2,tensor=2"; "" puts every device on "data"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU / TPU, float32 on CPU; master params stay float32
     remat: str = "none"  # "dots": recompute attention scores / scan internals in the backward; "full": whole blocks
+    kernel_impl: str = "auto"  # every recurrent layer's scan: auto (Pallas on GPU/TPU), xla, pallas, interpret
     log_every: int = 10
     eval_every: int = 250
     checkpoint_every: int = 500
@@ -55,6 +59,8 @@ class TrainConfig:
                                             "equal micro-batches")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("remat", f"must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.kernel_impl not in IMPLS:
+            raise ConfigError("kernel_impl", f"must be one of {IMPLS}, got {self.kernel_impl!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError("compute_dtype", f"must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         self.data.validate()
@@ -75,6 +81,8 @@ class TrainConfig:
                 dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
             changes["dtype"] = dtype
         config = config.replace(**changes)
+        if self.kernel_impl != "auto":
+            config = config.with_kernel_impl(self.kernel_impl)
         if config.vocab_size < vocab_needed:
             raise ConfigError("model.vocab_size", f"the preset's vocabulary ({config.vocab_size}) is smaller than "
                                                   f"the tokenizer's ({vocab_needed}); set model.vocab_size")

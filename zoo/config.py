@@ -96,6 +96,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # --- JSON -----------------------------------------------------------------------------------
+    def with_kernel_impl(self, impl: str) -> "ModelConfig":
+        """Every layer whose mixer has a kernel choice (`impl`) set to `impl`."""
+        layers = tuple(
+            dataclasses.replace(layer, mixer_config=dataclasses.replace(layer.mixer_config, impl=impl))
+            if hasattr(layer.mixer_config, "impl") else layer
+            for layer in self.layers
+        )
+        return self.replace(layers=layers)
+
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
         out["layers"] = [

@@ -51,18 +51,24 @@ def decay_terms(cum_col, cum_row, seg_col, seg_row, segprev_row) -> Decay:
     return Decay(within, read, to_end, survive)
 
 
+def _dot_general(a, b, contract):
+    # float32 operands stay float32 (not TF32) so the float32 kernels match the reference to 1e-5.
+    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32)
+
+
 def dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    return _dot_general(a, b, ((1,), (0,)))
 
 
 def dot_nt(a, b):
     """a @ b^T."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+    return _dot_general(a, b, ((1,), (1,)))
 
 
 def dot_tn(a, b):
     """a^T @ b."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+    return _dot_general(a, b, ((0,), (0,)))
 
 
 def output(q, k, v, d: Decay, state):

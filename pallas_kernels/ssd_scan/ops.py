@@ -41,7 +41,7 @@ class _Static(NamedTuple):
     chunk: int
 
 
-def ssd_scan(q, k, v, log_decay, segment_ids, state, last_segment=None, *, chunk_size: int = 64,
+def ssd_scan(q, k, v, log_decay, segment_ids, state, last_segment=None, chunk_size: int = 64, *,
              impl: str = "auto", dtype=None, platform: str | None = None):
     """S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, restarting at document boundaries.
 
