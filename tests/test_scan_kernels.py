@@ -15,6 +15,7 @@ import pytest
 
 from inputs import forward, init, packed_batch
 from reference import TOLERANCE, relative_error, tolerance
+from zoo.errors import ConfigError
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
 from zoo.layers.retnet import RetNetConfig, Retention
 from zoo.pallas_kernels import dispatch
@@ -33,20 +34,20 @@ def random_documents(rng, batch, length):
     return jnp.asarray(np.cumsum(rng.uniform(size=(batch, length)) < 1 / 12, axis=1), jnp.int32)
 
 
-def scan_inputs(rng, dtype):
+def scan_inputs(rng, dtype, batch=2, groups=None, heads=None):
     """Random shapes: T not a multiple of the chunk, grouped q/k, a feature size that is not a power of
-    two; row 0 continues its initial state (last_segment = its first segment), row 1 starts fresh."""
-    batch = 2
+    two; even rows continue their initial state (last_segment = their first segment), odd rows start
+    fresh."""
     length = int(rng.integers(2 * CHUNK + 1, 4 * CHUNK)) | 1
-    groups = int(rng.choice([1, 2]))
-    heads = groups * int(rng.choice([1, 2]))
+    groups = groups or int(rng.choice([1, 2]))
+    heads = heads or groups * int(rng.choice([1, 2]))
     dk, dv = int(rng.choice([16, 24])), int(rng.choice([16, 32]))
 
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype).astype(jnp.float32)
 
     segment_ids = random_documents(rng, batch, length)
-    last_segment = jnp.stack([segment_ids[0, 0], segment_ids[1, 0] - 1])
+    last_segment = segment_ids[:, 0] - jnp.arange(batch) % 2
     return dict(
         q=normal(batch, length, groups, dk), k=normal(batch, length, groups, dk) / np.sqrt(dk),
         v=normal(batch, length, heads, dv),
@@ -109,6 +110,10 @@ def test_ssd_scan_refuses_bad_requests():
         ssd_scan(**inputs, chunk_size=48, impl="interpret", platform="gpu")
     with pytest.raises(ValueError, match="G dividing"):
         ssd_scan(**{**inputs, "q": inputs["q"][:, :, :1, :3]}, impl="interpret")
+    for _, config in LAYERS.values():
+        with pytest.raises(ConfigError) as e:
+            dataclasses.replace(config, impl="cuda").validate("layers[0].mixer_config")
+        assert e.value.field == "layers[0].mixer_config.impl"
 
 
 LAYERS = {
@@ -122,7 +127,7 @@ def test_layers_run_the_kernel_with_the_same_result(name, rng):
     """A mixer with impl="pallas"/"interpret" equals impl="xla": output, parameter and input gradients
     (float32, packed rows, length not a multiple of the chunk)."""
     module_type, config = LAYERS[name]
-    x, positions, segments = packed_batch(rng, 2, 2 * CHUNK + 7, 16)
+    x, positions, segments = packed_batch(rng, 2, CHUNK + 7, 16)
     xla = module_type(dataclasses.replace(config, impl="xla"), 16)
     kernel = module_type(dataclasses.replace(config, impl=impl_for("gpu")), 16)
     params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32),
@@ -131,10 +136,32 @@ def test_layers_run_the_kernel_with_the_same_result(name, rng):
 
     def outputs_and_grads(module):
         loss = lambda p, xs: jnp.sum(forward(module, p, xs, positions, segments) * cotangent)  # noqa: E731
-        return forward(module, params, x, positions, segments), jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+        # One compiled program: run eagerly, the interpreted kernel costs seconds per op.
+        return jax.jit(lambda p, xs: (forward(module, p, xs, positions, segments),
+                                      jax.grad(loss, argnums=(0, 1))(p, xs)))(params, jnp.asarray(x))
 
     with jax.default_matmul_precision("float32"):  # no TF32 on a GPU, in either
         (out, grads), (out_ref, grads_ref) = outputs_and_grads(kernel), outputs_and_grads(xla)
     assert relative_error(out, out_ref) < tolerance(name, "float32")
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         assert relative_error(got, want) < 1e-4  # gradients sum more terms (as in test_recurrent)
+
+
+def test_ssd_scan_under_a_mesh_runs_per_shard_and_matches(rng):
+    """Inside a mesh (as in the train step) the kernel runs on each device's rows and heads
+    (shard_map); outputs and gradients equal the single-device call (8 fake CPU devices, float32)."""
+    from zoo.train.mesh import make_mesh
+
+    inputs = scan_inputs(rng, jnp.float32, batch=4, groups=2, heads=4)
+    weights = (jnp.asarray(rng.normal(size=inputs["v"].shape), jnp.float32),
+               jnp.asarray(rng.normal(size=inputs["state"].shape), jnp.float32))
+
+    def kernel(**a):
+        return ssd_scan(**a, chunk_size=CHUNK, impl=impl_for("gpu"), platform="gpu")
+
+    run = jax.jit(lambda i: loss_and_grads(kernel, i, weights))
+    expected = run(inputs)
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        sharded = run(inputs)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
+        assert relative_error(got, want) < TOLERANCE["float32"]

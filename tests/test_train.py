@@ -35,7 +35,10 @@ from zoo.train.trainer import TrainingDiverged, train
 
 # The shared data folder sits beside the repository (not inside it), wherever pytest is started.
 SHAKESPEARE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
-MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 8, 1)]
+# (2,2,2) exercises every axis at once; the pure tensor and pure fsdp meshes stress each rule alone.
+# Pure data parallelism (8,1,1) is the batch split of (2,2,2) without the weight sharding, so it is
+# left out (each mesh is one more train-step compile on the 2-core CI machine).
+MESHES = {"gqa-tiny": [(2, 2, 2), (1, 1, 8), (1, 8, 1)], "hybrid": [(2, 2, 2)]}
 
 
 def _mesh(shape):
@@ -127,7 +130,7 @@ def test_sharded_step_equals_single_device_step(which, rng):
         return jax.device_get(metrics), jax.device_get(new.params)
 
     ref_metrics, ref_params = one_step(single)
-    runs = {shape: one_step(_mesh(shape)) for shape in MESHES}
+    runs = {shape: one_step(_mesh(shape)) for shape in MESHES[which]}
     runs["accumulate 4"] = one_step(single, accumulate=4)  # four micro-batches == one batch
     for name, (metrics, params) in runs.items():
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6, err_msg=str(name))
@@ -346,7 +349,7 @@ def test_run_directory_holds_metrics_tensorboard_and_loss_curve(finished_run):
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # warmup 2: step 1 has learning rate 0, step 2 a huge one, so step 2's parameters overflow.
     config = TrainConfig().with_overrides([
-        "steps=10", "batch_size=8", "data.seq_len=16", "checkpoint_every=1", "optim.learning_rate=1e38",
+        "steps=4", "batch_size=8", "data.seq_len=16", "checkpoint_every=1", "optim.learning_rate=1e38",
         "optim.warmup_steps=2", "optim.clip_norm=0", "data.max_eval_rows=8",
     ])
     with pytest.raises(TrainingDiverged, match="step 2: .* last good checkpoint is step 1"):

@@ -11,10 +11,12 @@ cumsum in XLA, as flash-linear-attention also does.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from zoo.layers.recurrent import NO_SEGMENT, continues
 from zoo.pallas_kernels import dispatch
@@ -65,8 +67,39 @@ def ssd_scan(q, k, v, log_decay, segment_ids, state, last_segment=None, chunk_si
         last_segment = jnp.full((batch,), NO_SEGMENT, jnp.int32)
     dtype = dtype or v.dtype
     static = _Static(backend.kind, backend.interpret, chunk_size)
-    return _scan(static, q.astype(dtype), k.astype(dtype), v.astype(dtype), log_decay.astype(jnp.float32),
-                 state.astype(jnp.float32), segment_ids.astype(jnp.int32), last_segment.astype(jnp.int32))
+    args = (q.astype(dtype), k.astype(dtype), v.astype(dtype), log_decay.astype(jnp.float32), state.astype(jnp.float32),
+            segment_ids.astype(jnp.int32), last_segment.astype(jnp.int32))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _scan(static, *args)
+    return _scan_per_shard(static, mesh, *args)
+
+
+def _scan_per_shard(static: _Static, mesh, q, k, v, log_decay, state, segment_ids, last_segment):
+    """Under a mesh (the train step's), run the kernel on each device's shard: rows split over "data"
+    and "fsdp", heads over "tensor" (where they divide). XLA cannot partition a Pallas call itself and
+    would gather the whole batch onto every device. q and k are repeated to heads when heads are split,
+    so that every input is split the same way (gradients then need no cross-device sums)."""
+    batch, heads = v.shape[0], v.shape[2]
+    rows = []
+    for axis in ("data", "fsdp"):
+        size = dict(mesh.shape).get(axis, 1)
+        if size > 1 and batch % (size * math.prod(dict(mesh.shape)[a] for a in rows)) == 0:
+            rows.append(axis)
+    tp = dict(mesh.shape).get("tensor", 1)
+    head_axis = "tensor" if tp > 1 and heads % tp == 0 else None
+    if head_axis and q.shape[2] != heads:
+        q, k = (jnp.repeat(a, heads // q.shape[2], axis=2) for a in (q, k))
+    row_axes = tuple(rows) or None
+    per_token = P(row_axes, None, head_axis, None)
+    per_row_state = P(row_axes, head_axis, None, None)
+    shard = jax.shard_map(
+        functools.partial(_scan, static), mesh=mesh, check_vma=False,
+        in_specs=(per_token, per_token, per_token, P(row_axes, None, head_axis), per_row_state, P(row_axes, None),
+                  P(row_axes)),
+        out_specs=(per_token, per_row_state),
+    )
+    return shard(q, k, v, log_decay, state, segment_ids, last_segment)
 
 
 def _feature_size(kind: str, size: int) -> int:
