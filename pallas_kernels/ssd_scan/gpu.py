@@ -109,7 +109,7 @@ class _Specs:
         return pl.BlockSpec((None, None, rows, cols), (lambda b, h, j: (b, h, j, 0)) if tile_rows else (lambda b, h, j: (b, h, 0, j)))
 
 
-def _call(kernel, p, grid, in_specs, out_specs, out_shape, interpret, chunk, name):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, chunk, name):
     return pl.pallas_call(
         functools.partial(kernel, chunk=chunk), grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, name=name,
@@ -123,7 +123,7 @@ def forward(p, state, *, chunk: int, interpret: bool):
     tile = min(TILE, dv)
     s = _Specs(p)
     return _call(
-        _forward_kernel, p, (batch, heads, dv // tile),
+        _forward_kernel, (batch, heads, dv // tile),
         [s.grouped(dk, False), s.grouped(dk, False), s.heads(tile, True), *s.decay(), s.state(dk, tile, False)],
         [s.heads(tile, True), s.state(dk, tile, False)],
         [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32)],
@@ -139,18 +139,18 @@ def backward(p, state, do, dfinal, *, chunk: int, interpret: bool):
     s = _Specs(p)
     grad_shape = jax.ShapeDtypeStruct((batch, length, heads, dk), jnp.float32)
     dq = _call(
-        _dq_kernel, p, (batch, heads, dk // k_tile),
+        _dq_kernel, (batch, heads, dk // k_tile),
         [s.grouped(k_tile, True), s.heads(dv, False), s.heads(dv, False), *s.decay(), s.state(k_tile, dv, True)],
         s.heads(k_tile, True), grad_shape, interpret, chunk, "ssd_scan_dq",
     )(p.k, p.v, do, p.cum, p.seg, p.segprev, state)
     dk_, dstate = _call(
-        _dk_kernel, p, (batch, heads, dk // k_tile),
+        _dk_kernel, (batch, heads, dk // k_tile),
         [s.grouped(k_tile, True), s.heads(dv, False), s.heads(dv, False), *s.decay(), s.state(k_tile, dv, True)],
         [s.heads(k_tile, True), s.state(k_tile, dv, True)],
         [grad_shape, jax.ShapeDtypeStruct(state.shape, jnp.float32)], interpret, chunk, "ssd_scan_dk",
     )(p.q, p.v, do, p.cum, p.seg, p.segprev, dfinal)
     dv_ = _call(
-        _dv_kernel, p, (batch, heads, dv // v_tile),
+        _dv_kernel, (batch, heads, dv // v_tile),
         [s.grouped(dk, False), s.grouped(dk, False), s.heads(v_tile, True), *s.decay(), s.state(dk, v_tile, False)],
         s.heads(v_tile, True), jax.ShapeDtypeStruct(p.v.shape, jnp.float32), interpret, chunk, "ssd_scan_dv",
     )(p.q, p.k, do, p.cum, p.seg, p.segprev, dfinal)
