@@ -114,6 +114,11 @@ def initialize_distributed(force: bool = False) -> bool:
 def logical_to_sharding(logical_axes, shape, mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
     """The NamedSharding the rules give one array, dropping any mesh axis that does not divide its
     dimension (a tiny model's 4 heads on an 8-way "tensor" axis stay whole rather than fail)."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def logical_to_spec(logical_axes, shape, mesh, rules=LOGICAL_RULES) -> PartitionSpec:
+    """logical_to_sharding's PartitionSpec; `mesh` may be abstract (jax.sharding.get_abstract_mesh())."""
     spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -123,7 +128,7 @@ def logical_to_sharding(logical_axes, shape, mesh: Mesh, rules=LOGICAL_RULES) ->
             if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
                 kept.append(name)
         fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return NamedSharding(mesh, PartitionSpec(*fitted))
+    return PartitionSpec(*fitted)
 
 
 def param_shardings(boxed_abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
