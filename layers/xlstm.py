@@ -29,6 +29,7 @@ recurrent weights zero, skip = 1.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,9 @@ import jax.numpy as jnp
 from zoo.errors import ConfigError
 from zoo.layers.params import constrain, weight
 from zoo.layers.recurrent import (
-    NEG_LOG, RecurrentCache, chunk, chunk_masks, chunk_size_for, conv_silu, recur, require_positive, unchunk,
+    NEG_LOG, RecurrentCache, chunk, chunk_masks, chunk_size_for, conv_silu, recur, require_impl, require_positive, unchunk,
 )
+from zoo.pallas_kernels.ssd_scan import mlstm as mlstm_kernel  # a module: zoo.layers and the kernels import each other
 
 EPS = 1e-6  # the reference's epsilon in the normaliser's denominator
 
@@ -53,9 +55,11 @@ class MLSTMConfig:
     conv_width: int = 4
     chunk_size: int = 64
     norm_eps: float = 1e-5
+    impl: str = "auto"  # the chunked scan: "auto" (Pallas on GPU/TPU), "xla", "pallas", "interpret"
 
     def validate(self, field: str) -> None:
         require_positive(self, field, "num_heads", "inner_dim", "qkv_block", "chunk_size")
+        require_impl(self, field)
         for name in ("num_heads", "qkv_block"):
             if self.inner_dim % getattr(self, name):
                 raise ConfigError(f"{field}.inner_dim", f"must be divisible by {name}={getattr(self, name)}, got {self.inner_dim}")
@@ -210,7 +214,8 @@ class MLSTM(nn.Module):
             last = None
         else:
             state, last = cache.state, cache.last_segment
-        h, state = recur(self.form, mlstm_step, mlstm_chunked, (q * dim**-0.5, k, v, log_i, log_f), segment_ids, state, last, c.chunk_size)
+        scan = functools.partial(mlstm_kernel.mlstm_scan, impl=c.impl, dtype=self.dtype, eps=EPS)
+        h, state = recur(self.form, mlstm_step, scan, (q * dim**-0.5, k, v, log_i, log_f), segment_ids, state, last, c.chunk_size)
 
         norm = weight(self, "out_norm", (inner,), ("mlp",), init=nn.initializers.ones, dtype=pd)
         skip = weight(self, "skip", (inner,), ("mlp",), init=nn.initializers.ones, dtype=pd)
