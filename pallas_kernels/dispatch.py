@@ -3,9 +3,13 @@ the XLA reference elsewhere; "xla", "pallas" and "interpret" force one."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
+from jax.sharding import PartitionSpec as P
+
+from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 _PLATFORMS = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
@@ -34,3 +38,16 @@ def resolve(impl: str, platform: str | None = None) -> Backend:
         raise ValueError(f"impl={impl!r} needs a GPU or TPU (JAX runs on {jax.default_backend()}); "
                          "use impl='interpret' to run the Pallas kernels on the CPU, or impl='xla'")
     return Backend(platform)
+
+
+def per_shard(fn: Callable, mesh, activation_shape, in_layouts, out_layouts) -> Callable:
+    """fn run on each device's shard under `mesh`: XLA cannot partition a Pallas call and would gather
+    the whole batch onto every device. Rows and heads are split as the logical rules in scope (else
+    zoo.train.mesh.LOGICAL_RULES) place a [batch, length, heads, features] activation of
+    `activation_shape`. A layout names each argument's axes: "b" rows, "h" heads, "." unsplit; the
+    scans are independent per (row, head), so gradients need no cross-device sums."""
+    rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+    rows, _, heads, _ = logical_to_spec(("batch", "length", "heads", None), activation_shape, mesh, rules)
+    spec = lambda layout: P(*({"b": rows, "h": heads}.get(axis) for axis in layout))  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=tuple(map(spec, in_layouts)),
+                         out_specs=tuple(map(spec, out_layouts)))

@@ -13,16 +13,13 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from zoo.layers.recurrent import NO_SEGMENT, continues
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.ssd_scan import gpu, tpu
 from zoo.pallas_kernels.ssd_scan.reference import ssd_scan_reference
-from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
 
 KERNELS = {"gpu": gpu, "tpu": tpu}
 
@@ -77,21 +74,12 @@ def ssd_scan(q, k, v, log_decay, segment_ids, state, last_segment=None, chunk_si
 
 
 def _scan_per_shard(static: _Static, mesh, q, k, v, log_decay, state, segment_ids, last_segment):
-    """Under a mesh (the train step's), run the kernel on each device's shard, split as the logical
-    rules in scope (else zoo.train.mesh.LOGICAL_RULES) place [batch, length, heads, ...] activations.
-    XLA cannot partition a Pallas call itself and would gather the whole batch onto every device. q
-    and k are repeated to heads when heads are split, so that every input is split the same way
-    (gradients then need no cross-device sums)."""
-    rules = nn.get_logical_axis_rules() or LOGICAL_RULES
-    rows, _, heads, _ = logical_to_spec(("batch", "length", "heads", None), v.shape, mesh, rules)
-    if heads is not None and q.shape[2] != v.shape[2]:
+    """Under a mesh (the train step's): dispatch.per_shard, with grouped q and k repeated to heads so
+    that every input splits the same way when heads are split."""
+    if q.shape[2] != v.shape[2]:
         q, k = (jnp.repeat(a, v.shape[2] // q.shape[2], axis=2) for a in (q, k))
-    per_token, per_row_state = P(rows, None, heads, None), P(rows, heads, None, None)
-    shard = jax.shard_map(
-        functools.partial(_scan, static), mesh=mesh, check_vma=False,
-        in_specs=(per_token, per_token, per_token, P(rows, None, heads), per_row_state, P(rows, None), P(rows)),
-        out_specs=(per_token, per_row_state),
-    )
+    shard = dispatch.per_shard(functools.partial(_scan, static), mesh, v.shape,
+                               ("b.h.", "b.h.", "b.h.", "b.h", "bh..", "b.", "b"), ("b.h.", "bh.."))
     return shard(q, k, v, log_decay, state, segment_ids, last_segment)
 
 
