@@ -18,6 +18,7 @@ so Delta = U - W S_0 with U, W computed for all chunks at once; only S_0 passes 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,10 @@ from zoo.errors import ConfigError
 from zoo.layers.mamba2 import a_log_init, dt_bias_init
 from zoo.layers.norms import rms_norm
 from zoo.layers.params import constrain, weight
-from zoo.layers.recurrent import RecurrentCache, chunk, chunk_masks, chunk_size_for, conv_silu, recur, require_positive, unchunk
+from zoo.layers.recurrent import (
+    RecurrentCache, chunk, chunk_masks, chunk_size_for, conv_silu, recur, require_impl, require_positive, unchunk,
+)
+from zoo.pallas_kernels.delta_scan import ops as delta_ops  # a module: zoo.layers and the kernels import each other
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class GatedDeltaNetConfig:
     conv_width: int = 4
     chunk_size: int = 64
     norm_eps: float = 1e-5
+    impl: str = "auto"  # the chunked scan: "auto" (Pallas on GPU/TPU), "xla", "pallas", "interpret"
 
     @property
     def value_dim(self) -> int:
@@ -47,6 +52,7 @@ class GatedDeltaNetConfig:
 
     def validate(self, field: str) -> None:
         require_positive(self, field, "num_heads", "head_dim", "expand_v", "chunk_size")
+        require_impl(self, field)
         if self.conv_width < 2:
             raise ConfigError(f"{field}.conv_width", f"must be >= 2, got {self.conv_width}")
 
@@ -150,7 +156,9 @@ class GatedDeltaNet(nn.Module):
 
         state = jnp.zeros((x.shape[0], heads, dk, dv), jnp.float32) if cache is None else cache.state["delta"]
         last = None if cache is None else cache.last_segment
-        o, state = recur(self.form, delta_step, delta_chunked, (q, k, v, log_alpha, beta), segment_ids, state, last, c.chunk_size)
+        scan = functools.partial(delta_ops.delta_scan, impl=c.impl, dtype=self.dtype)
+        o, state = recur(self.form, delta_step, scan, (q, k, v, log_alpha, beta), segment_ids, state, last, c.chunk_size)
+        o = o.astype(jnp.float32)
         norm = weight(self, "o_norm", (dv,), (None,), init=nn.initializers.ones, dtype=pd)
         gate = project("g_proj", (heads, dv), ("heads", None)).astype(jnp.float32)
         o = (rms_norm(o, norm, c.norm_eps) * jax.nn.silu(gate)).astype(self.dtype)

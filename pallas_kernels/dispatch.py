@@ -40,6 +40,14 @@ def resolve(impl: str, platform: str | None = None) -> Backend:
     return Backend(platform)
 
 
+def check_chunk(backend: Backend, chunk_size: int) -> None:
+    """Triton tiles are powers of two of at least 16; Mosaic blocks need sublane multiples of 8."""
+    multiple = 16 if backend.kind == "gpu" else 8
+    if chunk_size % multiple or (backend.kind == "gpu" and chunk_size & (chunk_size - 1)):
+        raise ValueError(f"the {backend.kind} scan kernels need chunk_size a multiple of {multiple}"
+                         f"{' and a power of two' if backend.kind == 'gpu' else ''}, got {chunk_size}")
+
+
 def per_shard(fn: Callable, mesh, activation_shape, in_layouts, out_layouts) -> Callable:
     """fn run on each device's shard under `mesh`: XLA cannot partition a Pallas call and would gather
     the whole batch onto every device. Rows and heads are split as the logical rules in scope (else

@@ -16,10 +16,13 @@ import pytest
 from inputs import forward, init, packed_batch
 from reference import TOLERANCE, relative_error, tolerance
 from zoo.errors import ConfigError
+from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
 from zoo.layers.retnet import RetNetConfig, Retention
 from zoo.layers.xlstm import MLSTM, MLSTMConfig
 from zoo.pallas_kernels import dispatch
+from zoo.pallas_kernels.delta_scan import delta_scan
+from zoo.pallas_kernels.delta_scan.reference import delta_scan_reference
 from zoo.pallas_kernels.ssd_scan import ssd_scan
 from zoo.pallas_kernels.ssd_scan.mlstm import mlstm_scan
 from zoo.pallas_kernels.ssd_scan.reference import ssd_scan_reference
@@ -164,10 +167,52 @@ def test_mlstm_scan_matches_the_chunkwise_form(rng, platform, dtype):
             assert relative_error(got_leaf, want_leaf) < tol, name
 
 
+def delta_inputs(rng, dtype, batch=2, heads=None):
+    """As scan_inputs (one group per head), with the delta rule's L2-normalised keys and beta in (0, 1)."""
+    heads = heads or int(rng.choice([1, 2]))
+    inputs = scan_inputs(rng, dtype, batch=batch, groups=heads, heads=heads)
+    unit = lambda a: (a / jnp.linalg.norm(a, axis=-1, keepdims=True)).astype(dtype).astype(jnp.float32)  # noqa: E731
+    beta = jax.nn.sigmoid(jnp.asarray(rng.normal(size=inputs["log_decay"].shape), jnp.float32))
+    return dict(q=unit(inputs["q"]) / np.sqrt(inputs["q"].shape[-1]), k=unit(inputs["k"]), v=inputs["v"],
+                log_alpha=inputs["log_decay"], beta=beta, segment_ids=inputs["segment_ids"], state=inputs["state"],
+                last_segment=inputs["last_segment"])
+
+
+DELTA_DIFFERENTIABLE = ("q", "k", "v", "log_alpha", "beta", "state")
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_delta_scan_matches_reference(rng, platform, dtype):
+    """The gated delta rule kernels equal gated_deltanet.delta_chunked: o, final state and the gradients
+    of q, k, v, log_alpha, beta and the initial state."""
+    inputs = delta_inputs(rng, jnp.dtype(dtype))
+    weights = random_weights(rng, (inputs["v"], inputs["state"]))
+
+    def kernel(**a):
+        return delta_scan(**a, chunk_size=CHUNK, impl=impl_for(platform), dtype=jnp.dtype(dtype), platform=platform)
+
+    def reference(**a):
+        return delta_scan_reference(**a, chunk_size=CHUNK)
+
+    (o, final), grads = jax.jit(lambda i: loss_and_grads(kernel, i, weights, DELTA_DIFFERENTIABLE))(inputs)
+    with jax.default_matmul_precision("float32"):
+        (o_ref, final_ref), grads_ref = jax.jit(
+            lambda i: loss_and_grads(reference, i, weights, DELTA_DIFFERENTIABLE))(inputs)
+    tol = TOLERANCE[dtype]
+    assert o.dtype == jnp.dtype(dtype)
+    assert relative_error(o.astype(jnp.float32), o_ref) < tol
+    assert relative_error(final, final_ref) < tol
+    for name in DELTA_DIFFERENTIABLE:
+        assert relative_error(grads[name], grads_ref[name]) < tol, name
+    assert float(jnp.abs(grads["state"][1]).max()) == 0.0 < float(jnp.abs(grads["state"][0]).max())
+
+
 LAYERS = {
     "mamba2": (Mamba2, Mamba2Config(num_heads=4, head_dim=8, state_dim=16, num_groups=2, chunk_size=CHUNK)),
     "retnet": (Retention, RetNetConfig(num_heads=2, head_dim=8, chunk_size=CHUNK)),
     "mlstm": (MLSTM, MLSTMConfig(num_heads=2, inner_dim=16, chunk_size=CHUNK)),
+    "gated_deltanet": (GatedDeltaNet, GatedDeltaNetConfig(num_heads=2, head_dim=8, chunk_size=CHUNK)),
 }
 
 
@@ -196,20 +241,24 @@ def test_layers_run_the_kernel_with_the_same_result(name, rng):
         assert relative_error(got, want) < 1e-4  # gradients sum more terms (as in test_recurrent)
 
 
-def test_ssd_scan_under_a_mesh_runs_per_shard_and_matches(rng):
-    """Inside a mesh (as in the train step) the kernel runs on each device's rows and heads
+@pytest.mark.parametrize("op", ["ssd_scan", "delta_scan"])
+def test_scans_under_a_mesh_run_per_shard_and_match(rng, op):
+    """Inside a mesh (as in the train step) the kernels run on each device's rows and heads
     (shard_map); outputs and gradients equal the single-device call (8 fake CPU devices, float32)."""
     from zoo.train.mesh import make_mesh
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (the CPU run fakes them; a one-GPU run has one)")
-    inputs = scan_inputs(rng, jnp.float32, batch=4, groups=2, heads=4)
+    if op == "ssd_scan":
+        inputs, names, scan = scan_inputs(rng, jnp.float32, batch=4, groups=2, heads=4), DIFFERENTIABLE, ssd_scan
+    else:
+        inputs, names, scan = delta_inputs(rng, jnp.float32, batch=4, heads=4), DELTA_DIFFERENTIABLE, delta_scan
     weights = random_weights(rng, (inputs["v"], inputs["state"]))
 
     def kernel(**a):
-        return ssd_scan(**a, chunk_size=CHUNK, impl=impl_for("gpu"), platform="gpu")
+        return scan(**a, chunk_size=CHUNK, impl=impl_for("gpu"), platform="gpu")
 
-    run = jax.jit(lambda i: loss_and_grads(kernel, i, weights))
+    run = jax.jit(lambda i: loss_and_grads(kernel, i, weights, names))
     expected = run(inputs)
     with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
         sharded = run(inputs)

@@ -57,10 +57,7 @@ def ssd_scan(q, k, v, log_decay, segment_ids, state, last_segment=None, chunk_si
     backend = dispatch.resolve(impl, platform)
     if backend.kind == "xla":
         return ssd_scan_reference(q, k, v, log_decay, segment_ids, state, last_segment, chunk_size)
-    multiple = 16 if backend.kind == "gpu" else 8
-    if chunk_size % multiple or (backend.kind == "gpu" and chunk_size & (chunk_size - 1)):
-        raise ValueError(f"the {backend.kind} scan kernel needs chunk_size a multiple of {multiple}"
-                         f"{' and a power of two' if backend.kind == 'gpu' else ''}, got {chunk_size}")
+    dispatch.check_chunk(backend, chunk_size)
     if last_segment is None:
         last_segment = jnp.full((batch,), NO_SEGMENT, jnp.int32)
     dtype = dtype or v.dtype
@@ -89,12 +86,12 @@ def _feature_size(kind: str, size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
-def _prepare(static: _Static, q, k, v, log_decay, segment_ids, last_segment, state):
-    c = static.chunk
+def prepare(kind: str, chunk: int, q, k, v, log_decay, segment_ids, last_segment, state):
+    c = chunk
     batch, length, heads, dv = v.shape
     dk = q.shape[-1]
     pad_t = -length % c
-    pad_k, pad_v = _feature_size(static.kind, dk) - dk, _feature_size(static.kind, dv) - dv
+    pad_k, pad_v = _feature_size(kind, dk) - dk, _feature_size(kind, dv) - dv
     q, k = (jnp.pad(a, ((0, 0), (0, pad_t), (0, 0), (0, pad_k))) for a in (q, k))
     v = jnp.pad(v, ((0, 0), (0, pad_t), (0, 0), (0, pad_v)))
     g = jnp.pad(log_decay, ((0, 0), (0, pad_t), (0, 0)))
@@ -116,7 +113,7 @@ def _scan(static: _Static, q, k, v, log_decay, state, segment_ids, last_segment)
 
 
 def _scan_forward(static, q, k, v, log_decay, state, segment_ids, last_segment):
-    p, padded_state = _prepare(static, q, k, v, log_decay, segment_ids, last_segment, state)
+    p, padded_state = prepare(static.kind, static.chunk, q, k, v, log_decay, segment_ids, last_segment, state)
     o, final = KERNELS[static.kind].forward(p, padded_state, chunk=static.chunk, interpret=static.interpret)
     length, (dk, dv) = v.shape[1], state.shape[2:]
     o, final = o[:, :length, :, :dv], final[:, :, :dk, :dv]
@@ -128,7 +125,7 @@ def _scan_backward(static, residuals, cotangents):
     do, dfinal = cotangents
     batch, length, heads, dv = v.shape
     groups, dk = q.shape[2:]
-    p, padded_state = _prepare(static, q, k, v, log_decay, segment_ids, last_segment, state)
+    p, padded_state = prepare(static.kind, static.chunk, q, k, v, log_decay, segment_ids, last_segment, state)
     do = _pad_like(do.astype(p.v.dtype), p.v.shape)
     dfinal_padded = _pad_like(dfinal.astype(jnp.float32), padded_state.shape)
     dq, dk_, dv_, dstate = KERNELS[static.kind].backward(p, padded_state, do, dfinal_padded, chunk=static.chunk,

@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from zoo.pallas_kernels.ssd_scan import chunk_math as cm
 
 
-def _decay(cum_col_ref, cum_rows_ref, seg_col_ref, seg_rows_ref, segprev_rows_ref, n):
+def decay_at(cum_col_ref, cum_rows_ref, seg_col_ref, seg_rows_ref, segprev_rows_ref, n):
     row = pl.ds(n, 1)
     return cm.decay_terms(cum_col_ref[...], cum_rows_ref[row, :], seg_col_ref[...], seg_rows_ref[row, :],
                           segprev_rows_ref[row, :])
@@ -38,7 +38,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs):
     def _():
         state_ref[...] = s0_ref[...]
 
-    d = _decay(*decay_refs, n)
+    d = decay_at(*decay_refs, n)
     q, k, v, state = q_ref[...], k_ref[...], v_ref[...], state_ref[...]
     o_ref[...] = cm.output(q, k, v, d, state).astype(o_ref.dtype)
     state_ref[...] = cm.advance(k, v, d, state)
@@ -56,7 +56,7 @@ def _dq_kernel(k_ref, v_ref, do_ref, *refs):
     def _():
         state_ref[...] = s0_ref[...]
 
-    d = _decay(*decay_refs, n)
+    d = decay_at(*decay_refs, n)
     k, v, do, state = k_ref[...], v_ref[...], do_ref[...], state_ref[...]
     dq_ref[...] = cm.grad_q(k, v, do, d, state)
     state_ref[...] = cm.advance(k, v, d, state)
@@ -71,7 +71,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, *refs):
     def _():
         dstate_ref[...] = dfinal_ref[...]
 
-    d = _decay(*decay_refs, last - i)
+    d = decay_at(*decay_refs, last - i)
     q, k, v, do, dstate = q_ref[...], k_ref[...], v_ref[...], do_ref[...], dstate_ref[...]
     dk_ref[...] = cm.grad_k(q, v, do, d, dstate)
     dv_ref[...] = cm.grad_v(q, k, do, d, dstate)
@@ -82,7 +82,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, *refs):
         ds0_ref[...] = dstate_ref[...]
 
 
-class _Layout:
+class Layout:
     """[B, H, T, D] views of ops.Prepared and their BlockSpecs over the grid (batch, head, chunk)."""
 
     def __init__(self, p, chunk: int, reverse: bool):
@@ -117,6 +117,10 @@ class _Layout:
     def state_spec(shape):
         return pl.BlockSpec((None, None, *shape[2:]), lambda b, h, n: (b, h, 0, 0))
 
+    def chunk_state_spec(self, shape):
+        """The current chunk's [K, V] block of a per-chunk [B, H, N * K, V] array."""
+        return pl.BlockSpec((None, None, *shape[2:]), lambda b, h, n: (b, h, self._n(n), 0))
+
     def call(self, kernel, in_specs, out_specs, out_shape, state_shape, interpret, name):
         return pl.pallas_call(
             kernel, grid=(self.q.shape[0], self.heads, self.count), in_specs=in_specs, out_specs=out_specs,
@@ -126,13 +130,13 @@ class _Layout:
         )
 
 
-def _from_heads_major(a):
+def from_heads_major(a):
     return jnp.swapaxes(a, 1, 2)
 
 
 def forward(p, state, *, chunk: int, interpret: bool):
     """p: ops.Prepared; state [B, H, K, V] float32. Returns (o [B, T, H, V] in v's dtype, final state)."""
-    lay = _Layout(p, chunk, reverse=False)
+    lay = Layout(p, chunk, reverse=False)
     dk, dv = p.q.shape[-1], p.v.shape[-1]
     o, final = lay.call(
         _forward_kernel,
@@ -141,14 +145,14 @@ def forward(p, state, *, chunk: int, interpret: bool):
         [jax.ShapeDtypeStruct(lay.v.shape, p.v.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32)],
         state.shape, interpret, "ssd_scan_fwd",
     )(lay.q, lay.k, lay.v, *lay.decay, state)
-    return _from_heads_major(o), final
+    return from_heads_major(o), final
 
 
 def backward(p, state, do, dfinal, *, chunk: int, interpret: bool):
     """Returns per-head float32 (dq [B,T,H,K], dk [B,T,H,K], dv [B,T,H,V], d initial state)."""
     dk, dv = p.q.shape[-1], p.v.shape[-1]
     do = jnp.swapaxes(do, 1, 2)
-    forward_lay = _Layout(p, chunk, reverse=False)
+    forward_lay = Layout(p, chunk, reverse=False)
     per_head = lambda lay, width: jax.ShapeDtypeStruct((*lay.v.shape[:3], width), jnp.float32)  # noqa: E731
     dq = forward_lay.call(
         _dq_kernel,
@@ -156,7 +160,7 @@ def backward(p, state, do, dfinal, *, chunk: int, interpret: bool):
          forward_lay.state_spec(state.shape)],
         forward_lay.heads_spec(dk), per_head(forward_lay, dk), state.shape, interpret, "ssd_scan_dq",
     )(forward_lay.k, forward_lay.v, do, *forward_lay.decay, state)
-    lay = _Layout(p, chunk, reverse=True)
+    lay = Layout(p, chunk, reverse=True)
     dk_, dv_, dstate = lay.call(
         _dkdv_kernel,
         [lay.grouped(dk), lay.grouped(dk), lay.heads_spec(dv), lay.heads_spec(dv), *lay.decay_specs(),
@@ -165,4 +169,4 @@ def backward(p, state, do, dfinal, *, chunk: int, interpret: bool):
         [per_head(lay, dk), per_head(lay, dv), jax.ShapeDtypeStruct(state.shape, jnp.float32)],
         state.shape, interpret, "ssd_scan_dkdv",
     )(lay.q, lay.k, lay.v, do, *lay.decay, dfinal)
-    return _from_heads_major(dq), _from_heads_major(dk_), _from_heads_major(dv_), dstate
+    return from_heads_major(dq), from_heads_major(dk_), from_heads_major(dv_), dstate
