@@ -3,15 +3,20 @@
 One program owns one (batch row, head, value tile) and walks its chunks, carrying the float32 state
 tile [K, 64] in registers (the corrections u - w S need all of K but only the tile's value columns).
 The forward writes o and the final state, and for the backward also each chunk's entering state; the
-backward walk writes the gradient of each chunk's leaving state and of the initial state. Everything
-else (the WY representation, and the chunk-parallel gradients given those states) is XLA: ops.py.
+backward walk writes the gradient of each chunk's leaving state and of the initial state. A third kernel
+computes every chunk's WY representation at once (chunk-parallel); the chunk-parallel gradients given
+the walks' states are XLA (ops.py).
 Shapes are powers of two (Triton); ops.py pads K, V and the chunk accordingly.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from zoo.pallas_kernels.delta_scan import chunk_math as cm
 from zoo.pallas_kernels.ssd_scan.gpu import TILE, Specs, call, chunk_count, chunk_rows, decay_at
@@ -87,3 +92,43 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
         interpret, chunk, "delta_scan_bwd",
     )(p.q, p.k, w, do, p.cum, p.seg, p.segprev, dfinal)
 
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype):
+    """One chunk's WY representation: T = (I + A)^-1 as the product (I + N)(I + N^2)(I + N^4)... of the
+    nilpotent N = -A (log2(C) - 1 squarings, float32 IEEE matmuls: no row loop, every step on the tensor
+    cores' neighbours), then w = T diag(beta * read) k and u = T diag(beta) v in the kernels' dtype."""
+    k, beta, cum = k_ref[...], beta_ref[...], cum_ref[...]
+    size = k.shape[0]
+    d = cm.decay_terms(cum[:, None], cum[None, :], seg_ref[...][:, None], seg_ref[...][None, :],
+                       segprev_ref[...][None, :])
+    t = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    s = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    power = jnp.where(s < t, -(beta[:, None] * d.within * cm.dot_nt(k, k)), 0.0)
+    inverse = jnp.where(s == t, 1.0, 0.0) + power
+    for _ in range(size.bit_length() - 2):  # sum_{j < 2^(i+1)} N^j from sum_{j < 2^i} N^j
+        power = cm.dot(power, power)
+        inverse = inverse + cm.dot(inverse, power)
+    inverse_ref[...] = inverse
+    low = inverse.astype(dtype)
+    w_ref[...] = cm.dot(low, ((beta[:, None] * d.read) * k).astype(dtype))
+    u_ref[...] = cm.dot(low, (beta[:, None] * v_ref[...]).astype(dtype))
+
+
+def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: bool, dtype):
+    """Every chunk at once, grid (row, head, chunk); float32 [B, T, H, *] inputs. Returns float32 w [B, T,
+    H, K], u [B, T, H, V] and the inverses [B, H, N * C, C]."""
+    batch, length, heads, dk = k.shape
+    dv = v.shape[-1]
+    count = length // chunk
+    tokens = lambda width: pl.BlockSpec((None, chunk, None, width), lambda b, h, n: (b, n, h, 0))  # noqa: E731
+    per_head = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
+    per_row = pl.BlockSpec((None, chunk), lambda b, h, n: (b, n))
+    return pl.pallas_call(
+        functools.partial(_wy_kernel, dtype=dtype), grid=(batch, heads, count),
+        in_specs=[tokens(dk), tokens(dv), per_head, per_head, per_row, per_row],
+        out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, chunk, chunk), lambda b, h, n: (b, h, n, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32), jax.ShapeDtypeStruct(v.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((batch, heads, count * chunk, chunk), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, name="delta_scan_wy",
+    )(k, v, beta, cum, seg, segprev)

@@ -74,7 +74,7 @@ def _delta(static: _Static, q, k, v, log_alpha, beta, state, segment_ids, last_s
     length, (dk, dv) = v.shape[1], state.shape[2:]
     p, padded_state = prepare(static.kind, static.chunk, q, k, v, log_alpha, segment_ids, last_segment, state)
     beta = jnp.pad(beta, ((0, 0), (0, p.v.shape[1] - length), (0, 0)))  # padding writes nothing
-    w, u = wy_representation(p.k, p.v, beta, p, static.chunk)
+    w, u = wy_representation(static, p.k, p.v, beta, p.cum, p.seg, p.segprev)
     dtype = jnp.dtype(static.dtype)
     o, final = _walk(static, p.q.astype(dtype), p.k.astype(dtype), w.astype(dtype), u.astype(dtype), p.cum, p.seg,
                      p.segprev, padded_state)
@@ -97,22 +97,67 @@ def _decay(cum, seg, segprev):
     return cm.decay_terms(cum[:, None], cum[None, :], seg[:, None], seg[None, :], segprev[None, :])
 
 
-def wy_representation(k, v, beta, p: Prepared, chunk: int):
-    """(w [B, T, H, K], u [B, T, H, V]) float32: per chunk, U = T diag(beta) V and W = T diag(beta * read) K
-    with T = (I + A)^-1, A_ts = beta_t within_ts k_t.k_s for s < t (zoo.layers.gated_deltanet)."""
-    c = chunk
+def chunk_system(k, v, beta, cum, seg, segprev):
+    """One chunk's UT-transform system (I + A) X = rhs: (A [C, C] strictly lower, A_ts = beta_t within_ts
+    k_t.k_s; rhs [C, V + K] = [diag(beta) v | diag(beta * read) k]), float32 (zoo.layers.gated_deltanet)."""
+    d = _decay(cum, seg, segprev)
+    gram = jnp.dot(k, k.T, precision=jax.lax.Precision.HIGHEST)
+    lower = jnp.tril(beta[:, None] * d.within * gram, -1)
+    return lower, jnp.concatenate([beta[:, None] * v, (beta[:, None] * d.read) * k], axis=-1)
 
-    def one_chunk(k, v, beta, cum, seg, segprev):
-        d = _decay(cum, seg, segprev)
-        gram = jnp.dot(k, k.T, precision=jax.lax.Precision.HIGHEST)
-        system = jnp.eye(c, dtype=F32) + jnp.tril(beta[:, None] * d.within * gram, -1)
-        rhs = jnp.concatenate([beta[:, None] * v, (beta[:, None] * d.read) * k], axis=-1)
-        solved = jax.scipy.linalg.solve_triangular(system, rhs, lower=True, unit_diagonal=True)
-        return solved[:, v.shape[-1]:], solved[:, :v.shape[-1]]
 
-    per_chunk = jax.vmap(jax.vmap(jax.vmap(one_chunk), in_axes=(0, 0, 0, 0, None, None)))
-    w, u = per_chunk(*(_chunked(a, c) for a in (k, v, beta, p.cum, p.seg, p.segprev)))
-    return _unchunked(w), _unchunked(u)
+def _per_chunk(fn, segment_args: int = 2):
+    """fn over one chunk, vmapped over (row, head, chunk); its last `segment_args` are per row, not head."""
+    def vmapped(*args):
+        per_head = (0,) * (len(args) - segment_args) + (None,) * segment_args
+        return jax.vmap(jax.vmap(jax.vmap(fn), in_axes=per_head))(*args)
+    return vmapped
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wy_representation(static: _Static, k, v, beta, cum, seg, segprev):
+    """(w [B, T, H, K], u [B, T, H, V]) float32: per chunk X = [U | W] = (I + A)^-1 rhs (chunk_system).
+    The GPU computes it in a Pallas kernel (gpu.wy_representation); elsewhere XLA's triangular solve.
+    The gradient, given the inverse T: d rhs = T^T dX, dA = -(d rhs) X^T, then autodiff of
+    chunk_system (batched matmuls: XLA's batched triangular solves are slow on GPUs)."""
+    return _wy_forward(static, k, v, beta, cum, seg, segprev)[0]
+
+
+def _wy_forward(static, k, v, beta, cum, seg, segprev):
+    if static.kind == "gpu":
+        w, u, inverse = gpu.wy_representation(k, v, beta, cum, seg, segprev, chunk=static.chunk,
+                                              interpret=static.interpret, dtype=jnp.dtype(static.dtype))
+        inverse = inverse.reshape(*inverse.shape[:2], -1, static.chunk, static.chunk)  # [B, H, N, C, C]
+    else:
+        def one_chunk(k, v, beta, cum, seg, segprev):
+            lower, rhs = chunk_system(k, v, beta, cum, seg, segprev)
+            system = jnp.eye(lower.shape[0], dtype=F32) + lower
+            inverse = jax.scipy.linalg.solve_triangular(system, jnp.eye(lower.shape[0], dtype=F32), lower=True,
+                                                        unit_diagonal=True)
+            solved = jnp.dot(inverse, rhs, precision=jax.lax.Precision.HIGHEST)
+            return solved[:, v.shape[-1]:], solved[:, :v.shape[-1]], inverse
+
+        w, u, inverse = _per_chunk(one_chunk)(*(_chunked(a, static.chunk) for a in (k, v, beta, cum, seg, segprev)))
+        w, u = _unchunked(w), _unchunked(u)
+    return (w, u), (k, v, beta, cum, seg, segprev, w, u, inverse)
+
+
+def _wy_backward(static, residuals, cotangents):
+    k, v, beta, cum, seg, segprev, w, u, inverse = residuals
+    dw, du = cotangents
+    c = static.chunk
+    solved = jnp.concatenate([_chunked(u, c), _chunked(w, c)], axis=-1)
+    dsolved = jnp.concatenate([_chunked(du, c), _chunked(dw, c)], axis=-1)
+    highest = jax.lax.Precision.HIGHEST
+    drhs = jnp.einsum("...ts,...tx->...sx", inverse, dsolved, precision=highest)
+    dlower = -jnp.einsum("...tx,...sx->...ts", drhs, solved, precision=highest)
+    segs = (_chunked(seg, c), _chunked(segprev, c))
+    _, vjp = jax.vjp(lambda *a: _per_chunk(chunk_system)(*a, *segs), *(_chunked(a, c) for a in (k, v, beta, cum)))
+    dk, dv, dbeta, dcum = (_unchunked(g) for g in vjp((dlower, drhs)))
+    return dk, dv, dbeta, dcum, jnp.zeros_like(seg), jnp.zeros_like(segprev)
+
+
+wy_representation.defvjp(_wy_forward, _wy_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -143,7 +188,7 @@ def _walk_backward(static, residuals, cotangents):
         q, k, w, u = (a.astype(t) for a, t in zip((q, k, w, u), dtypes))
         return cm.forward(q, k, w, u, _decay(cum, seg, segprev), entering)
 
-    per_chunk = jax.vmap(jax.vmap(jax.vmap(one_chunk), in_axes=(0,) * 6 + (None, None)))
+    per_chunk = _per_chunk(one_chunk)
     seg, segprev = _chunked(p.seg, c), _chunked(p.segprev, c)
     inputs = [_chunked(a.astype(F32), c) for a in (p.q, p.k, w, p.v, p.cum)]
     _, vjp = jax.vjp(lambda *a: per_chunk(*a, entering, seg, segprev), *inputs)
