@@ -30,7 +30,7 @@ def _forward_kernel(q_ref, k_ref, w_ref, u_ref, cum_ref, seg_ref, segprev_ref, s
         rows = chunk_rows(n, chunk)
         d = decay_at(cum_ref, seg_ref, segprev_ref, rows)
         if states_ref:
-            states_ref[0][chunk_rows(n, width), :] = state
+            states_ref[0][chunk_rows(n, width), :] = state.astype(states_ref[0].dtype)
         o, leaving = cm.forward(q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], u_ref[rows, :], d, state)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return leaving
@@ -46,16 +46,17 @@ def _backward_kernel(q_ref, k_ref, w_ref, do_ref, cum_ref, seg_ref, segprev_ref,
         n = count - 1 - i
         rows = chunk_rows(n, chunk)
         d = decay_at(cum_ref, seg_ref, segprev_ref, rows)
-        dleaving_ref[chunk_rows(n, width), :] = dstate
+        dleaving_ref[chunk_rows(n, width), :] = dstate.astype(dleaving_ref.dtype)
         return cm.retreat(q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], do_ref[rows, :], d, dstate)
 
     ds0_ref[...] = jax.lax.fori_loop(0, count, body, dfinal_ref[...])
 
 
 def _per_chunk_states(p, state, chunk):
-    """[B, H, N * K, V] float32: chunk n's [K, V] state in rows n*K .. (n+1)*K."""
+    """[B, H, N * K, V]: chunk n's [K, V] state in rows n*K .. (n+1)*K, in the kernels' dtype (they feed
+    matmuls in that dtype; bf16 halves the backward's largest traffic)."""
     batch, heads, dk, dv = state.shape
-    return jax.ShapeDtypeStruct((batch, heads, p.v.shape[1] // chunk * dk, dv), jnp.float32)
+    return jax.ShapeDtypeStruct((batch, heads, p.v.shape[1] // chunk * dk, dv), p.v.dtype)
 
 
 def forward(p, w, state, *, chunk: int, interpret: bool, with_states: bool):
@@ -94,30 +95,39 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
 
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype):
+def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype, precision):
     """One chunk's WY representation: T = (I + A)^-1 as the product (I + N)(I + N^2)(I + N^4)... of the
     nilpotent N = -A (log2(C) - 1 squarings, float32 IEEE matmuls: no row loop, every step on the tensor
     cores' neighbours), then w = T diag(beta * read) k and u = T diag(beta) v in the kernels' dtype."""
-    k, beta, cum = k_ref[...], beta_ref[...], cum_ref[...]
+    k, beta, cum = k_ref[...].astype(jnp.float32), beta_ref[...], cum_ref[...]
     size = k.shape[0]
     d = cm.decay_terms(cum[:, None], cum[None, :], seg_ref[...][:, None], seg_ref[...][None, :],
                        segprev_ref[...][None, :])
     t = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     s = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    power = jnp.where(s < t, -(beta[:, None] * d.within * cm.dot_nt(k, k)), 0.0)
+    dot = lambda a, b, dims=((1,), (0,)): jax.lax.dot_general(  # noqa: E731
+        a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+    power = jnp.where(s < t, -(beta[:, None] * d.within * dot(k, k, ((1,), (1,)))), 0.0)
     inverse = jnp.where(s == t, 1.0, 0.0) + power
     for _ in range(size.bit_length() - 2):  # sum_{j < 2^(i+1)} N^j from sum_{j < 2^i} N^j
-        power = cm.dot(power, power)
-        inverse = inverse + cm.dot(inverse, power)
+        power = dot(power, power)
+        inverse = inverse + dot(inverse, power)
     inverse_ref[...] = inverse
     low = inverse.astype(dtype)
-    w_ref[...] = cm.dot(low, ((beta[:, None] * d.read) * k).astype(dtype))
-    u_ref[...] = cm.dot(low, (beta[:, None] * v_ref[...]).astype(dtype))
+    w_ref[...] = cm.dot(low, ((beta[:, None] * d.read) * k).astype(dtype)).astype(dtype)
+    u_ref[...] = cm.dot(low, (beta[:, None] * v_ref[...].astype(jnp.float32)).astype(dtype)).astype(dtype)
+
+
+# The inverse's float32 products on the tensor cores: Triton's IEEE float32 dot (CUDA-core FMAs) made this
+# kernel ~15 ms at B8 T4096 H16 K=V=128 on the H100. For bf16 kernels one TF32 pass (relative error ~1e-3,
+# below the bf16 rounding of w and u that follows; 0.63 ms); for float32 three (error ~ float32's; 1.57 ms).
+# The interpreter (CPU) takes IEEE float32.
+TF32 = {True: jax.lax.DotAlgorithmPreset.TF32_TF32_F32, False: jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
 def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: bool, dtype):
-    """Every chunk at once, grid (row, head, chunk); float32 [B, T, H, *] inputs. Returns float32 w [B, T,
-    H, K], u [B, T, H, V] and the inverses [B, H, N * C, C]."""
+    """Every chunk at once, grid (row, head, chunk); [B, T, H, *] inputs. Returns w [B, T, H, K] and u [B, T,
+    H, V] in `dtype` and the float32 inverses [B, H, N * C, C]."""
     batch, length, heads, dk = k.shape
     dv = v.shape[-1]
     count = length // chunk
@@ -125,10 +135,12 @@ def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: b
     per_head = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
     per_row = pl.BlockSpec((None, chunk), lambda b, h, n: (b, n))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, dtype=dtype), grid=(batch, heads, count),
+        functools.partial(_wy_kernel, dtype=dtype,
+                          precision=jax.lax.Precision.HIGHEST if interpret else TF32[jnp.dtype(dtype) != jnp.float32]),
+        grid=(batch, heads, count),
         in_specs=[tokens(dk), tokens(dv), per_head, per_head, per_row, per_row],
         out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, chunk, chunk), lambda b, h, n: (b, h, n, 0))],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32), jax.ShapeDtypeStruct(v.shape, jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
                    jax.ShapeDtypeStruct((batch, heads, count * chunk, chunk), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, name="delta_scan_wy",
     )(k, v, beta, cum, seg, segprev)

@@ -59,9 +59,10 @@ def delta_scan(q, k, v, log_alpha, beta, segment_ids, state, last_segment=None, 
     dispatch.check_chunk(backend, chunk_size)
     if last_segment is None:
         last_segment = jnp.full((batch,), NO_SEGMENT, jnp.int32)
-    static = _Static(backend.kind, backend.interpret, chunk_size, jnp.dtype(dtype or v.dtype).name)
-    args = (*(a.astype(F32) for a in (q, k, v, log_alpha, beta, state)), segment_ids.astype(jnp.int32),
-            last_segment.astype(jnp.int32))
+    dtype = jnp.dtype(dtype or v.dtype)
+    static = _Static(backend.kind, backend.interpret, chunk_size, dtype.name)
+    args = (*(a.astype(dtype) for a in (q, k, v)), *(a.astype(F32) for a in (log_alpha, beta, state)),
+            segment_ids.astype(jnp.int32), last_segment.astype(jnp.int32))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return _delta(static, *args)
@@ -75,9 +76,7 @@ def _delta(static: _Static, q, k, v, log_alpha, beta, state, segment_ids, last_s
     p, padded_state = prepare(static.kind, static.chunk, q, k, v, log_alpha, segment_ids, last_segment, state)
     beta = jnp.pad(beta, ((0, 0), (0, p.v.shape[1] - length), (0, 0)))  # padding writes nothing
     w, u = wy_representation(static, p.k, p.v, beta, p.cum, p.seg, p.segprev)
-    dtype = jnp.dtype(static.dtype)
-    o, final = _walk(static, p.q.astype(dtype), p.k.astype(dtype), w.astype(dtype), u.astype(dtype), p.cum, p.seg,
-                     p.segprev, padded_state)
+    o, final = _walk(static, p.q, p.k, w, u, p.cum, p.seg, p.segprev, padded_state)
     return o[:, :length, :, :dv], final[:, :, :dk, :dv]
 
 
@@ -97,11 +96,12 @@ def _decay(cum, seg, segprev):
     return cm.decay_terms(cum[:, None], cum[None, :], seg[:, None], seg[None, :], segprev[None, :])
 
 
-def chunk_system(k, v, beta, cum, seg, segprev):
+def chunk_system(k, v, beta, cum, seg, segprev, precision=jax.lax.Precision.HIGHEST):
     """One chunk's UT-transform system (I + A) X = rhs: (A [C, C] strictly lower, A_ts = beta_t within_ts
     k_t.k_s; rhs [C, V + K] = [diag(beta) v | diag(beta * read) k]), float32 (zoo.layers.gated_deltanet)."""
     d = _decay(cum, seg, segprev)
-    gram = jnp.dot(k, k.T, precision=jax.lax.Precision.HIGHEST)
+    k, v = k.astype(F32), v.astype(F32)
+    gram = jnp.dot(k, k.T, precision=precision)
     lower = jnp.tril(beta[:, None] * d.within * gram, -1)
     return lower, jnp.concatenate([beta[:, None] * v, (beta[:, None] * d.read) * k], axis=-1)
 
@@ -116,7 +116,8 @@ def _per_chunk(fn, segment_args: int = 2):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def wy_representation(static: _Static, k, v, beta, cum, seg, segprev):
-    """(w [B, T, H, K], u [B, T, H, V]) float32: per chunk X = [U | W] = (I + A)^-1 rhs (chunk_system).
+    """(w [B, T, H, K], u [B, T, H, V]) in the kernels' dtype: per chunk X = [U | W] = (I + A)^-1 rhs
+    (chunk_system, float32).
     The GPU computes it in a Pallas kernel (gpu.wy_representation); elsewhere XLA's triangular solve.
     The gradient, given the inverse T: d rhs = T^T dX, dA = -(d rhs) X^T, then autodiff of
     chunk_system (batched matmuls: XLA's batched triangular solves are slow on GPUs)."""
@@ -134,7 +135,7 @@ def _wy_forward(static, k, v, beta, cum, seg, segprev):
             system = jnp.eye(lower.shape[0], dtype=F32) + lower
             inverse = jax.scipy.linalg.solve_triangular(system, jnp.eye(lower.shape[0], dtype=F32), lower=True,
                                                         unit_diagonal=True)
-            solved = jnp.dot(inverse, rhs, precision=jax.lax.Precision.HIGHEST)
+            solved = jnp.dot(inverse, rhs, precision=jax.lax.Precision.HIGHEST).astype(v.dtype)
             return solved[:, v.shape[-1]:], solved[:, :v.shape[-1]], inverse
 
         w, u, inverse = _per_chunk(one_chunk)(*(_chunked(a, static.chunk) for a in (k, v, beta, cum, seg, segprev)))
@@ -146,15 +147,18 @@ def _wy_backward(static, residuals, cotangents):
     k, v, beta, cum, seg, segprev, w, u, inverse = residuals
     dw, du = cotangents
     c = static.chunk
-    solved = jnp.concatenate([_chunked(u, c), _chunked(w, c)], axis=-1)
-    dsolved = jnp.concatenate([_chunked(du, c), _chunked(dw, c)], axis=-1)
-    highest = jax.lax.Precision.HIGHEST
-    drhs = jnp.einsum("...ts,...tx->...sx", inverse, dsolved, precision=highest)
-    dlower = -jnp.einsum("...tx,...sx->...ts", drhs, solved, precision=highest)
+    solved = jnp.concatenate([_chunked(u, c), _chunked(w, c)], axis=-1).astype(F32)
+    dsolved = jnp.concatenate([_chunked(du, c), _chunked(dw, c)], axis=-1).astype(F32)
+    # Exact float32 products for float32 kernels; for bf16 kernels XLA's default (TF32 on GPUs), whose
+    # rounding is below the bf16 rounding the gradients get.
+    precision = jax.lax.Precision.HIGHEST if static.dtype == "float32" else jax.lax.Precision.DEFAULT
+    drhs = jnp.einsum("...ts,...tx->...sx", inverse, dsolved, precision=precision)
+    dlower = -jnp.einsum("...tx,...sx->...ts", drhs, solved, precision=precision)
     segs = (_chunked(seg, c), _chunked(segprev, c))
-    _, vjp = jax.vjp(lambda *a: _per_chunk(chunk_system)(*a, *segs), *(_chunked(a, c) for a in (k, v, beta, cum)))
+    system = functools.partial(chunk_system, precision=precision)
+    _, vjp = jax.vjp(lambda *a: _per_chunk(system)(*a, *segs), *(_chunked(a, c) for a in (k, v, beta, cum)))
     dk, dv, dbeta, dcum = (_unchunked(g) for g in vjp((dlower, drhs)))
-    return dk, dv, dbeta, dcum, jnp.zeros_like(seg), jnp.zeros_like(segprev)
+    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dcum, jnp.zeros_like(seg), jnp.zeros_like(segprev)
 
 
 wy_representation.defvjp(_wy_forward, _wy_backward)
@@ -192,7 +196,7 @@ def _walk_backward(static, residuals, cotangents):
     seg, segprev = _chunked(p.seg, c), _chunked(p.segprev, c)
     inputs = [_chunked(a.astype(F32), c) for a in (p.q, p.k, w, p.v, p.cum)]
     _, vjp = jax.vjp(lambda *a: per_chunk(*a, entering, seg, segprev), *inputs)
-    dq, dk_, dw, du, dcum = (_unchunked(g) for g in vjp((_chunked(do.astype(F32), c), dleaving)))
+    dq, dk_, dw, du, dcum = (_unchunked(g) for g in vjp((_chunked(do.astype(F32), c), dleaving.astype(F32))))
     cast = lambda g, like: g.astype(like.dtype)  # noqa: E731
     return (cast(dq, p.q), cast(dk_, p.k), cast(dw, w), cast(du, p.v), dcum, jnp.zeros_like(p.seg),
             jnp.zeros_like(p.segprev), dstate)

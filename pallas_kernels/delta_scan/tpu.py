@@ -38,7 +38,7 @@ def _forward_kernel(q_ref, k_ref, w_ref, u_ref, *refs, with_states):
     d = decay_at(*decay_refs, n)
     state = state_ref[...]
     if with_states:
-        states_ref[0][...] = state
+        states_ref[0][...] = state.astype(states_ref[0].dtype)
     o, leaving = cm.forward(q_ref[...], k_ref[...], w_ref[...], u_ref[...], d, state)
     o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = leaving
@@ -59,7 +59,7 @@ def _backward_kernel(q_ref, k_ref, w_ref, do_ref, *refs):
 
     d = decay_at(*decay_refs, last - i)
     dstate = dstate_ref[...]
-    dleaving_ref[...] = dstate
+    dleaving_ref[...] = dstate.astype(dleaving_ref.dtype)
     dstate_ref[...] = cm.retreat(q_ref[...], k_ref[...], w_ref[...], do_ref[...], d, dstate)
 
     @pl.when(i == last)
@@ -69,7 +69,7 @@ def _backward_kernel(q_ref, k_ref, w_ref, do_ref, *refs):
 
 def _per_chunk_states(lay, state):
     batch, heads, dk, dv = state.shape
-    return jax.ShapeDtypeStruct((batch, heads, lay.count * dk, dv), jnp.float32)
+    return jax.ShapeDtypeStruct((batch, heads, lay.count * dk, dv), lay.v.dtype)
 
 
 def forward(p, w, state, *, chunk: int, interpret: bool, with_states: bool):
