@@ -208,6 +208,37 @@ def test_delta_scan_matches_reference(rng, platform, dtype):
     assert float(jnp.abs(grads["state"][1]).max()) == 0.0 < float(jnp.abs(grads["state"][0]).max())
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_delta_scan_is_stable_with_correlated_keys(rng, platform):
+    """Nearly equal consecutive keys and beta near 1 (as a short convolution over real text gives) make the
+    WY system's entries near 1, where the powers of a 64 x 64 nilpotent matrix grow like binomial
+    coefficients: the kernels (chunk 64, float32) must still match the reference's triangular solve."""
+    batch, length, heads, dk, dv = 2, 2 * 64 + 5, 1, 16, 16
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    k = unit(rng.normal(size=(batch, 1, heads, dk)) + 0.05 * rng.normal(size=(batch, length, heads, dk)))
+    inputs = dict(
+        q=jnp.asarray(unit(rng.normal(size=(batch, length, heads, dk))) / np.sqrt(dk), jnp.float32),
+        k=jnp.asarray(k, jnp.float32), v=jnp.asarray(rng.normal(size=(batch, length, heads, dv)), jnp.float32),
+        log_alpha=jnp.asarray(-rng.uniform(0.0, 0.05, size=(batch, length, heads)), jnp.float32),
+        beta=jax.nn.sigmoid(jnp.asarray(rng.normal(3.0, 1.0, size=(batch, length, heads)), jnp.float32)),
+        segment_ids=jnp.zeros((batch, length), jnp.int32), state=jnp.zeros((batch, heads, dk, dv), jnp.float32),
+        last_segment=jnp.full((batch,), -1, jnp.int32),
+    )
+    weights = random_weights(rng, (inputs["v"], inputs["state"]))
+
+    def kernel(**a):
+        return delta_scan(**a, chunk_size=64, impl=impl_for(platform), platform=platform)
+
+    (o, final), grads = jax.jit(lambda i: loss_and_grads(kernel, i, weights, DELTA_DIFFERENTIABLE))(inputs)
+    with jax.default_matmul_precision("float32"):
+        (o_ref, final_ref), grads_ref = jax.jit(lambda i: loss_and_grads(
+            lambda **a: delta_scan_reference(**a, chunk_size=64), i, weights, DELTA_DIFFERENTIABLE))(inputs)
+    assert relative_error(o, o_ref) < 1e-4
+    assert relative_error(final, final_ref) < 1e-4
+    for name in ("q", "k", "v", "log_alpha", "beta"):
+        assert relative_error(grads[name], grads_ref[name]) < 1e-4, name
+
+
 LAYERS = {
     "mamba2": (Mamba2, Mamba2Config(num_heads=4, head_dim=8, state_dim=16, num_groups=2, chunk_size=CHUNK)),
     "retnet": (Retention, RetNetConfig(num_heads=2, head_dim=8, chunk_size=CHUNK)),

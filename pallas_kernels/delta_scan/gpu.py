@@ -95,34 +95,33 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
 
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype, precision):
-    """One chunk's WY representation: T = (I + A)^-1 as the product (I + N)(I + N^2)(I + N^4)... of the
-    nilpotent N = -A (log2(C) - 1 squarings, float32 IEEE matmuls: no row loop, every step on the tensor
-    cores' neighbours), then w = T diag(beta * read) k and u = T diag(beta) v in the kernels' dtype."""
+def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype):
+    """One chunk's WY representation: T = (I + A)^-1 by forward substitution, row i of T = e_i - A[i, :] T
+    (rows above i final), in float32 on the CUDA cores; then w = T diag(beta * read) k and u = T diag(beta) v
+    as matmuls in the kernels' dtype. Rows come out of tiles by masked reductions (no scalar indexing); the
+    row of A is read as a column of A^T, built directly (the Gram matrix is symmetric), so that it
+    broadcasts over T's rows. (The nilpotent series (I + N)(I + N^2)(I + N^4)... would be all matmuls, but
+    with correlated keys its partial powers grow like binomial coefficients and cancel catastrophically.)"""
     k, beta, cum = k_ref[...].astype(jnp.float32), beta_ref[...], cum_ref[...]
+    seg, segprev = seg_ref[...], segprev_ref[...]
     size = k.shape[0]
-    d = cm.decay_terms(cum[:, None], cum[None, :], seg_ref[...][:, None], seg_ref[...][None, :],
-                       segprev_ref[...][None, :])
-    t = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-    s = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    dot = lambda a, b, dims=((1,), (0,)): jax.lax.dot_general(  # noqa: E731
-        a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
-    power = jnp.where(s < t, -(beta[:, None] * d.within * dot(k, k, ((1,), (1,)))), 0.0)
-    inverse = jnp.where(s == t, 1.0, 0.0) + power
-    for _ in range(size.bit_length() - 2):  # sum_{j < 2^(i+1)} N^j from sum_{j < 2^i} N^j
-        power = dot(power, power)
-        inverse = inverse + dot(inverse, power)
+    d = cm.decay_terms(cum[:, None], cum[None, :], seg[:, None], seg[None, :], segprev[None, :])
+    row = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    # A^T[j, i] = A[i, j] = beta_i exp(G_i - G_j) k_i.k_j for j < i in the same document.
+    visible = (row < col) & (seg[:, None] == seg[None, :])
+    decay_t = jnp.exp(jnp.where(visible, cum[None, :] - cum[:, None], 0.0))
+    a_t = jnp.where(visible, beta[None, :] * decay_t * cm.dot_nt(k, k), 0.0)
+
+    def substitute(i, inverse):
+        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]: A[i, :] as a column
+        return inverse - jnp.where(row == i, jnp.sum(a_i * inverse, axis=0, keepdims=True), 0.0)
+
+    inverse = jax.lax.fori_loop(1, size, substitute, jnp.where(row == col, 1.0, 0.0))
     inverse_ref[...] = inverse
     low = inverse.astype(dtype)
     w_ref[...] = cm.dot(low, ((beta[:, None] * d.read) * k).astype(dtype)).astype(dtype)
     u_ref[...] = cm.dot(low, (beta[:, None] * v_ref[...].astype(jnp.float32)).astype(dtype)).astype(dtype)
-
-
-# The inverse's float32 products on the tensor cores: Triton's IEEE float32 dot (CUDA-core FMAs) made this
-# kernel ~15 ms at B8 T4096 H16 K=V=128 on the H100. For bf16 kernels one TF32 pass (relative error ~1e-3,
-# below the bf16 rounding of w and u that follows; 0.63 ms); for float32 three (error ~ float32's; 1.57 ms).
-# The interpreter (CPU) takes IEEE float32.
-TF32 = {True: jax.lax.DotAlgorithmPreset.TF32_TF32_F32, False: jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
 def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: bool, dtype):
@@ -135,9 +134,7 @@ def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: b
     per_head = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
     per_row = pl.BlockSpec((None, chunk), lambda b, h, n: (b, n))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, dtype=dtype,
-                          precision=jax.lax.Precision.HIGHEST if interpret else TF32[jnp.dtype(dtype) != jnp.float32]),
-        grid=(batch, heads, count),
+        functools.partial(_wy_kernel, dtype=dtype), grid=(batch, heads, count),
         in_specs=[tokens(dk), tokens(dv), per_head, per_head, per_row, per_row],
         out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, chunk, chunk), lambda b, h, n: (b, h, n, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
