@@ -95,49 +95,90 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
 
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype):
-    """One chunk's WY representation: T = (I + A)^-1 by forward substitution, row i of T = e_i - A[i, :] T
-    (rows above i final), in float32 on the CUDA cores; then w = T diag(beta * read) k and u = T diag(beta) v
-    as matmuls in the kernels' dtype. Rows come out of tiles by masked reductions (no scalar indexing); the
-    row of A is read as a column of A^T, built directly (the Gram matrix is symmetric), so that it
-    broadcasts over T's rows. (The nilpotent series (I + N)(I + N^2)(I + N^4)... would be all matmuls, but
-    with correlated keys its partial powers grow like binomial coefficients and cancel catastrophically.)"""
-    k, beta, cum = k_ref[...].astype(jnp.float32), beta_ref[...], cum_ref[...]
-    seg, segprev = seg_ref[...], segprev_ref[...]
+BLOCK = 16  # the WY kernel's diagonal blocks (Triton's smallest matmul)
+
+
+def _blocks_inverse(a_blocks, diagonal_inverses):
+    """Block forward substitution: T_ij = -T_ii sum_{j <= m < i} A_im T_mj for a unit lower-triangular
+    I + A given its strictly-lower blocks A_im (i > m) and the inverses T_ii of its diagonal blocks."""
+    count = len(diagonal_inverses)
+    inverse = [[None] * count for _ in range(count)]
+    for i in range(count):
+        inverse[i][i] = diagonal_inverses[i]
+        for j in range(i - 1, -1, -1):
+            acc = sum(cm.dot(a_blocks[i][m], inverse[m][j]) for m in range(j, i))
+            inverse[i][j] = -cm.dot(inverse[i][i], acc)
+    return inverse
+
+
+def _diagonal_inverse(k, beta, cum, seg):
+    """(I + A)^-1 of one diagonal block by forward substitution: row i of T = e_i - A[i, :] T (rows above
+    i final), rows taken from tiles by masked reductions (no scalar indexing); A[i, :] is read as a column
+    of A^T, built directly (the Gram matrix of a diagonal block is symmetric) so that it broadcasts."""
     size = k.shape[0]
-    d = cm.decay_terms(cum[:, None], cum[None, :], seg[:, None], seg[None, :], segprev[None, :])
     row = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    # A^T[j, i] = A[i, j] = beta_i exp(G_i - G_j) k_i.k_j for j < i in the same document.
-    visible = (row < col) & (seg[:, None] == seg[None, :])
-    decay_t = jnp.exp(jnp.where(visible, cum[None, :] - cum[:, None], 0.0))
-    a_t = jnp.where(visible, beta[None, :] * decay_t * cm.dot_nt(k, k), 0.0)
+    visible = (row < col) & (seg[:, None] == seg[None, :])  # A^T[j, i] = A[i, j]: j < i, same document
+    a_t = jnp.where(visible, beta[None, :] * jnp.exp(jnp.where(visible, cum[None, :] - cum[:, None], 0.0))
+                    * cm.dot_nt(k, k), 0.0)
 
     def substitute(i, inverse):
-        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]: A[i, :] as a column
+        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)  # [size, 1]: A[i, :] as a column
         return inverse - jnp.where(row == i, jnp.sum(a_i * inverse, axis=0, keepdims=True), 0.0)
 
-    inverse = jax.lax.fori_loop(1, size, substitute, jnp.where(row == col, 1.0, 0.0))
-    inverse_ref[...] = inverse
-    low = inverse.astype(dtype)
-    w_ref[...] = cm.dot(low, ((beta[:, None] * d.read) * k).astype(dtype)).astype(dtype)
-    u_ref[...] = cm.dot(low, (beta[:, None] * v_ref[...].astype(jnp.float32)).astype(dtype)).astype(dtype)
+    return jax.lax.fori_loop(1, size, substitute, jnp.where(row == col, 1.0, 0.0))
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype):
+    """One chunk's WY representation, T = (I + A)^-1 in float32 as fla's solve_tril does it: each 16 x 16
+    diagonal block by forward substitution, the rest by block forward substitution (small matmuls); then
+    w = T diag(beta * read) k and u = T diag(beta) v as matmuls in the kernels' dtype. (The nilpotent
+    series (I + N)(I + N^2)(I + N^4)... would be all matmuls, but with correlated keys its partial powers
+    grow like binomial coefficients and cancel catastrophically; a 64-row substitution loop was 8x slower.)
+    The inverse is written as its [16, 16] blocks, row-block-major: rows (i * count + j) * 16 .."""
+    count = k_ref.shape[0] // BLOCK
+    rows = lambda i: pl.ds(i * BLOCK, BLOCK)  # noqa: E731
+    k = [k_ref[rows(i), :].astype(jnp.float32) for i in range(count)]
+    beta, cum, seg = ([ref[rows(i)] for i in range(count)] for ref in (beta_ref, cum_ref, seg_ref))
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, BLOCK), 1)
+    seg_before = jnp.sum(jnp.where(lane == 0, segprev_ref[rows(0)][None, :], 0.0), axis=1, keepdims=True)
+    a_blocks = [[None] * count for _ in range(count)]
+    for i in range(count):
+        for j in range(i):  # whole blocks j < i: every pair s < t; A_ts = beta_t exp(G_t - G_s) k_t.k_s
+            same = seg[i][:, None] == seg[j][None, :]
+            decay = jnp.exp(jnp.where(same, cum[i][:, None] - cum[j][None, :], 0.0))
+            a_blocks[i][j] = jnp.where(same, beta[i][:, None] * decay * cm.dot_nt(k[i], k[j]), 0.0)
+    inverse = _blocks_inverse(a_blocks, [_diagonal_inverse(k[i], beta[i], cum[i], seg[i]) for i in range(count)])
+    zeros = jnp.zeros((BLOCK, BLOCK), jnp.float32)
+    for i in range(count):
+        for j in range(count):
+            inverse_ref[rows(i * count + j), :] = inverse[i][j] if j <= i else zeros
+    read = [jnp.where(seg[j][:, None] == seg_before, jnp.exp(cum[j])[:, None], 0.0) for j in range(count)]
+    keys = [((beta[j][:, None] * read[j]) * k[j]).astype(dtype) for j in range(count)]
+    values = [(beta[j][:, None] * v_ref[rows(j), :].astype(jnp.float32)).astype(dtype) for j in range(count)]
+    for i in range(count):
+        low = [inverse[i][j].astype(dtype) for j in range(i + 1)]
+        w_ref[rows(i), :] = sum(cm.dot(low[j], keys[j]) for j in range(i + 1)).astype(dtype)
+        u_ref[rows(i), :] = sum(cm.dot(low[j], values[j]) for j in range(i + 1)).astype(dtype)
 
 
 def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: bool, dtype):
     """Every chunk at once, grid (row, head, chunk); [B, T, H, *] inputs. Returns w [B, T, H, K] and u [B, T,
-    H, V] in `dtype` and the float32 inverses [B, H, N * C, C]."""
+    H, V] in `dtype` and the float32 inverses [B, H, N, C, C]."""
     batch, length, heads, dk = k.shape
     dv = v.shape[-1]
     count = length // chunk
     tokens = lambda width: pl.BlockSpec((None, chunk, None, width), lambda b, h, n: (b, n, h, 0))  # noqa: E731
     per_head = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
     per_row = pl.BlockSpec((None, chunk), lambda b, h, n: (b, n))
-    return pl.pallas_call(
+    blocks = chunk // BLOCK
+    w, u, inverse = pl.pallas_call(
         functools.partial(_wy_kernel, dtype=dtype), grid=(batch, heads, count),
         in_specs=[tokens(dk), tokens(dv), per_head, per_head, per_row, per_row],
-        out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, chunk, chunk), lambda b, h, n: (b, h, n, 0))],
+        out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, blocks * chunk, BLOCK), lambda b, h, n: (b, h, n, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
-                   jax.ShapeDtypeStruct((batch, heads, count * chunk, chunk), jnp.float32)],
+                   jax.ShapeDtypeStruct((batch, heads, count * blocks * chunk, BLOCK), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, name="delta_scan_wy",
     )(k, v, beta, cum, seg, segprev)
+    inverse = inverse.reshape(batch, heads, count, blocks, blocks, BLOCK, BLOCK).swapaxes(4, 5)
+    return w, u, inverse.reshape(batch, heads, count, chunk, chunk)

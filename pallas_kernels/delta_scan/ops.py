@@ -128,7 +128,6 @@ def _wy_forward(static, k, v, beta, cum, seg, segprev):
     if static.kind == "gpu":
         w, u, inverse = gpu.wy_representation(k, v, beta, cum, seg, segprev, chunk=static.chunk,
                                               interpret=static.interpret, dtype=jnp.dtype(static.dtype))
-        inverse = inverse.reshape(*inverse.shape[:2], -1, static.chunk, static.chunk)  # [B, H, N, C, C]
     else:
         def one_chunk(k, v, beta, cum, seg, segprev):
             lower, rhs = chunk_system(k, v, beta, cum, seg, segprev)
