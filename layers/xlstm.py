@@ -103,10 +103,12 @@ def mlstm_chunked(q, k, v, log_i, log_f, segment_ids, state, last_segment, chunk
     length = q.shape[1]
     size = chunk_size_for(length, chunk_size)
 
-    def heads_first(a):  # [B,T,H,...] -> [B,N,H,C,...]
-        return jnp.swapaxes(chunk(a.astype(jnp.float32), size), 2, 3)
+    def heads_first(a, pad_value=0.0):  # [B,T,H,...] -> [B,N,H,C,...]
+        return jnp.swapaxes(chunk(a.astype(jnp.float32), size, pad_value), 2, 3)
 
-    q, k, v, log_i, log_f = (heads_first(a) for a in (q, k, v, log_i, log_f))
+    q, k, v, log_f = (heads_first(a) for a in (q, k, v, log_f))
+    # Padding writes nothing: a zero input gate (log 0), so it cannot raise the final max-state m.
+    log_i = heads_first(log_i, NEG_LOG)
     masks = chunk_masks(chunk(segment_ids, size, "edge"), last_segment)
     cum = jnp.cumsum(log_f, axis=-1)  # [B,N,H,C]
     same = masks.same[:, :, None]

@@ -96,9 +96,12 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
 
 
 BLOCK = 16  # the WY kernel's diagonal blocks (Triton's smallest matmul)
+# The WY kernel's float32 matmuls as three TF32 passes on the tensor cores (error ~ float32's): Triton's
+# IEEE float32 dot runs on the CUDA cores and was ~10x slower here. The interpreter (CPU) takes IEEE.
+COMPILED_FLOAT32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
-def _blocks_inverse(a_blocks, diagonal_inverses):
+def _blocks_inverse(a_blocks, diagonal_inverses, dot):
     """Block forward substitution: T_ij = -T_ii sum_{j <= m < i} A_im T_mj for a unit lower-triangular
     I + A given its strictly-lower blocks A_im (i > m) and the inverses T_ii of its diagonal blocks."""
     count = len(diagonal_inverses)
@@ -106,12 +109,12 @@ def _blocks_inverse(a_blocks, diagonal_inverses):
     for i in range(count):
         inverse[i][i] = diagonal_inverses[i]
         for j in range(i - 1, -1, -1):
-            acc = sum(cm.dot(a_blocks[i][m], inverse[m][j]) for m in range(j, i))
-            inverse[i][j] = -cm.dot(inverse[i][i], acc)
+            acc = sum(dot(a_blocks[i][m], inverse[m][j]) for m in range(j, i))
+            inverse[i][j] = -dot(inverse[i][i], acc)
     return inverse
 
 
-def _diagonal_inverse(k, beta, cum, seg):
+def _diagonal_inverse(k, beta, cum, seg, dot_nt):
     """(I + A)^-1 of one diagonal block by forward substitution: row i of T = e_i - A[i, :] T (rows above
     i final), rows taken from tiles by masked reductions (no scalar indexing); A[i, :] is read as a column
     of A^T, built directly (the Gram matrix of a diagonal block is symmetric) so that it broadcasts."""
@@ -120,7 +123,7 @@ def _diagonal_inverse(k, beta, cum, seg):
     col = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
     visible = (row < col) & (seg[:, None] == seg[None, :])  # A^T[j, i] = A[i, j]: j < i, same document
     a_t = jnp.where(visible, beta[None, :] * jnp.exp(jnp.where(visible, cum[None, :] - cum[:, None], 0.0))
-                    * cm.dot_nt(k, k), 0.0)
+                    * dot_nt(k, k), 0.0)
 
     def substitute(i, inverse):
         a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)  # [size, 1]: A[i, :] as a column
@@ -129,13 +132,22 @@ def _diagonal_inverse(k, beta, cum, seg):
     return jax.lax.fori_loop(1, size, substitute, jnp.where(row == col, 1.0, 0.0))
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype):
+def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype, precision):
     """One chunk's WY representation, T = (I + A)^-1 in float32 as fla's solve_tril does it: each 16 x 16
     diagonal block by forward substitution, the rest by block forward substitution (small matmuls); then
     w = T diag(beta * read) k and u = T diag(beta) v as matmuls in the kernels' dtype. (The nilpotent
     series (I + N)(I + N^2)(I + N^4)... would be all matmuls, but with correlated keys its partial powers
     grow like binomial coefficients and cancel catastrophically; a 64-row substitution loop was 8x slower.)
     The inverse is written as its [16, 16] blocks, row-block-major: rows (i * count + j) * 16 .."""
+    def general(a, b, contract):
+        return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+    def dot(a, b):
+        return general(a, b, ((1,), (0,))) if a.dtype == jnp.float32 else cm.dot(a, b)
+
+    def dot_nt(a, b):
+        return general(a, b, ((1,), (1,)))
+
     count = k_ref.shape[0] // BLOCK
     rows = lambda i: pl.ds(i * BLOCK, BLOCK)  # noqa: E731
     k = [k_ref[rows(i), :].astype(jnp.float32) for i in range(count)]
@@ -147,8 +159,9 @@ def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_r
         for j in range(i):  # whole blocks j < i: every pair s < t; A_ts = beta_t exp(G_t - G_s) k_t.k_s
             same = seg[i][:, None] == seg[j][None, :]
             decay = jnp.exp(jnp.where(same, cum[i][:, None] - cum[j][None, :], 0.0))
-            a_blocks[i][j] = jnp.where(same, beta[i][:, None] * decay * cm.dot_nt(k[i], k[j]), 0.0)
-    inverse = _blocks_inverse(a_blocks, [_diagonal_inverse(k[i], beta[i], cum[i], seg[i]) for i in range(count)])
+            a_blocks[i][j] = jnp.where(same, beta[i][:, None] * decay * dot_nt(k[i], k[j]), 0.0)
+    diagonal = [_diagonal_inverse(k[i], beta[i], cum[i], seg[i], dot_nt) for i in range(count)]
+    inverse = _blocks_inverse(a_blocks, diagonal, dot)
     zeros = jnp.zeros((BLOCK, BLOCK), jnp.float32)
     for i in range(count):
         for j in range(count):
@@ -158,8 +171,8 @@ def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_r
     values = [(beta[j][:, None] * v_ref[rows(j), :].astype(jnp.float32)).astype(dtype) for j in range(count)]
     for i in range(count):
         low = [inverse[i][j].astype(dtype) for j in range(i + 1)]
-        w_ref[rows(i), :] = sum(cm.dot(low[j], keys[j]) for j in range(i + 1)).astype(dtype)
-        u_ref[rows(i), :] = sum(cm.dot(low[j], values[j]) for j in range(i + 1)).astype(dtype)
+        w_ref[rows(i), :] = sum(dot(low[j], keys[j]) for j in range(i + 1)).astype(dtype)
+        u_ref[rows(i), :] = sum(dot(low[j], values[j]) for j in range(i + 1)).astype(dtype)
 
 
 def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: bool, dtype):
@@ -172,8 +185,9 @@ def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: b
     per_head = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
     per_row = pl.BlockSpec((None, chunk), lambda b, h, n: (b, n))
     blocks = chunk // BLOCK
+    precision = jax.lax.Precision.HIGHEST if interpret else COMPILED_FLOAT32
     w, u, inverse = pl.pallas_call(
-        functools.partial(_wy_kernel, dtype=dtype), grid=(batch, heads, count),
+        functools.partial(_wy_kernel, dtype=dtype, precision=precision), grid=(batch, heads, count),
         in_specs=[tokens(dk), tokens(dv), per_head, per_head, per_row, per_row],
         out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, blocks * chunk, BLOCK), lambda b, h, n: (b, h, n, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),

@@ -1,10 +1,11 @@
-"""delta_scan: the chunked gated delta rule (Gated DeltaNet), with Pallas kernels for its sequential part.
+"""delta_scan: the chunked gated delta rule (Gated DeltaNet) with Pallas kernels.
 
 Forward:
-  1. XLA, every chunk at once: the WY representation (UT transform) of zoo.layers.gated_deltanet,
-     (I + A) [U | W] = [diag(beta) V | diag(beta * read) K], batched [C, C] unit-triangular solves.
+  1. Every chunk at once: the WY representation (UT transform) of zoo.layers.gated_deltanet,
+     (I + A) [U | W] = [diag(beta) V | diag(beta * read) K]: a chunk-parallel Pallas kernel on GPUs
+     (gpu.wy_representation), batched triangular solves in XLA elsewhere; its own custom_vjp.
   2. Pallas (gpu.py / tpu.py): walk the chunks carrying the state; o and the final state.
-Backward (the custom_vjp of step 2; step 1 is differentiated by autodiff):
+Backward (the custom_vjp of step 2):
   - Pallas: the forward walk again, writing each chunk's entering state, and a reverse walk writing the
     gradient of each chunk's leaving state (and of the initial state).
   - XLA, every chunk at once: given its entering state and its leaving state's gradient, a chunk's

@@ -5,11 +5,12 @@ scratch, [B, H, T, D] layouts and the decay/segment blocks of zoo.pallas_kernels
 block's last two dims are (chunk, full feature dim) or full array dims, so the (8, 128) rule holds for
 chunk a multiple of 8). The forward writes o, the final state and (for the backward) each chunk's
 entering state as the [K, V] block n of a [B, H, N * K, V] array; the backward walks the chunks in
-reverse writing each chunk's leaving-state gradient.
+reverse writing each chunk's leaving-state gradient. (The WY representation stays in XLA here:
+ops.wy_representation.)
 
 VMEM per program at chunk 64, K = 128, V = 256 (Gated DeltaNet's expand_v = 2), bf16: q/k/w blocks 16 KiB,
-u/o/do 32 KiB, each double-buffered; the state scratch and the per-chunk state block 128 KiB each (the
-latter double-buffered); [C, C] float32 temporaries 16 KiB; the [64, 1] float32 columns pad to 32 KiB.
+u/o/do 32 KiB, each double-buffered; the float32 state scratch 128 KiB, the per-chunk state block (in the
+kernels' dtype) 64 KiB double-buffered; [C, C] float32 temporaries 16 KiB; the [64, 1] float32 columns pad to 32 KiB.
 About 1 MiB, inside the 16 MiB default scoped VMEM of v5e and later.
 """
 
