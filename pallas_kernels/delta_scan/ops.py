@@ -48,7 +48,7 @@ def delta_scan(q, k, v, log_alpha, beta, segment_ids, state, last_segment=None, 
 
     Arguments and results as zoo.layers.gated_deltanet.delta_chunked: q, k [B, T, H, K]; v [B, T, H, V];
     log_alpha, beta [B, T, H]; state [B, H, K, V]; last_segment [B] (None: nothing continues). dtype:
-    the kernels' matmul input dtype (default v's); the WY representation is always float32. Returns
+    the kernels' matmul input dtype (default v's); the WY system is solved in float32. Returns
     (o [B, T, H, V]: float32 from the reference, `dtype` from the kernels; final state float32)."""
     batch, length, heads, _ = v.shape
     if q.shape != k.shape or q.shape[:3] != v.shape[:3] or log_alpha.shape != v.shape[:3] or beta.shape != v.shape[:3]:
