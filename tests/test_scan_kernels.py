@@ -182,6 +182,9 @@ def delta_inputs(rng, dtype, batch=2, heads=None):
 
 
 DELTA_DIFFERENTIABLE = ("q", "k", "v", "log_alpha", "beta", "state")
+# Two of the GPU WY kernels' 16-row blocks per chunk, so documents and the decay cross blocks (the
+# inputs' T is odd and longer than this chunk).
+DELTA_CHUNK = 2 * CHUNK
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
@@ -193,10 +196,11 @@ def test_delta_scan_matches_reference(rng, platform, dtype):
     weights = random_weights(rng, (inputs["v"], inputs["state"]))
 
     def kernel(**a):
-        return delta_scan(**a, chunk_size=CHUNK, impl=impl_for(platform), dtype=jnp.dtype(dtype), platform=platform)
+        return delta_scan(**a, chunk_size=DELTA_CHUNK, impl=impl_for(platform), dtype=jnp.dtype(dtype),
+                          platform=platform)
 
     def reference(**a):
-        return delta_scan_reference(**a, chunk_size=CHUNK)
+        return delta_scan_reference(**a, chunk_size=DELTA_CHUNK)
 
     (o, final), grads = jax.jit(lambda i: loss_and_grads(kernel, i, weights, DELTA_DIFFERENTIABLE))(inputs)
     with jax.default_matmul_precision("float32"):
@@ -250,6 +254,13 @@ LAYERS = {
 }
 
 
+# Parameter gradients sum more terms than outputs (as in test_recurrent). mLSTM's two forms also
+# stabilise differently (the kernel rescales the state by exp(-m_t) every token, the chunked form once
+# per chunk), so float32 rounding differs by those rescalings; the worst leaves are the 2-element gate
+# biases (|g| ~ 1e-2, differences ~ 2e-6). Measured over 13 seeds: max 1.5e-4.
+LAYER_GRAD_TOLERANCE = {"mlstm": 5e-4}
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layers_run_the_kernel_with_the_same_result(name, rng):
     """A mixer with impl="pallas"/"interpret" equals impl="xla": output, parameter and input gradients
@@ -272,7 +283,7 @@ def test_layers_run_the_kernel_with_the_same_result(name, rng):
         (out, grads), (out_ref, grads_ref) = outputs_and_grads(kernel), outputs_and_grads(xla)
     assert relative_error(out, out_ref) < tolerance(name, "float32")
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        assert relative_error(got, want) < 1e-4  # gradients sum more terms (as in test_recurrent)
+        assert relative_error(got, want) < LAYER_GRAD_TOLERANCE.get(name, 1e-4)
 
 
 @pytest.mark.parametrize("op", ["ssd_scan", "delta_scan"])
