@@ -3,15 +3,14 @@
 One program owns one (batch row, head, value tile) and walks its chunks, carrying the float32 state
 tile [K, 64] in registers (the corrections u - w S need all of K but only the tile's value columns).
 The forward writes o and the final state, and for the backward also each chunk's entering state; the
-backward walk writes the gradient of each chunk's leaving state and of the initial state. A third kernel
-computes every chunk's WY representation at once (chunk-parallel); the chunk-parallel gradients given
-the walks' states are XLA (ops.py).
+backward walk writes the gradient of each chunk's leaving state and of the initial state. The
+chunk-parallel gradients given the walks' states are XLA (ops.py); the WY representation's kernels are
+in gpu_wy.py.
 Shapes are powers of two (Triton); ops.py pads K, V and the chunk accordingly.
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -94,105 +93,72 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
     )(p.q, p.k, w, do, p.cum, p.seg, p.segprev, dfinal)
 
 
-
-BLOCK = 16  # the WY kernel's diagonal blocks (Triton's smallest matmul)
-# The WY kernel's float32 matmuls as three TF32 passes on the tensor cores (error ~ float32's): Triton's
-# IEEE float32 dot runs on the CUDA cores and was ~10x slower here. The interpreter (CPU) takes IEEE.
-COMPILED_FLOAT32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+CHUNK_GRAD_WARPS = 4
 
 
-def _blocks_inverse(a_blocks, diagonal_inverses, dot):
-    """Block forward substitution: T_ij = -T_ii sum_{j <= m < i} A_im T_mj for a unit lower-triangular
-    I + A given its strictly-lower blocks A_im (i > m) and the inverses T_ii of its diagonal blocks."""
-    count = len(diagonal_inverses)
-    inverse = [[None] * count for _ in range(count)]
-    for i in range(count):
-        inverse[i][i] = diagonal_inverses[i]
-        for j in range(i - 1, -1, -1):
-            acc = sum(dot(a_blocks[i][m], inverse[m][j]) for m in range(j, i))
-            inverse[i][j] = -dot(inverse[i][i], acc)
-    return inverse
+def _chunk_grads_kernel(q_ref, k_ref, w_ref, u_ref, do_ref, cum_ref, seg_ref, segprev_ref, entering_ref, dleaving_ref,
+                        dq_ref, dk_ref, dw_ref, du_ref, dcum_ref):
+    """One chunk's gradients given the state entering it (S) and the gradient of the state leaving it
+    (dS'): with corrections c = u - w S, the chunk is a scalar-decay chunk with values c (chunk_math), so
+        dc = ((q k^T) * within)^T do + to_end * k dS',  du = dc,  dw = -dc S^T,
+        dq = ((do c^T) * within) k + read * do S^T,  dk = ((do c^T) * within)^T q + to_end * c dS'^T,
+    and, since the chunk depends on cum only through q_t exp(G_t) and k_s exp(-G_s) and its leaving state
+    is proportional to exp(G_last), dcum_t = q_t.dq_t - k_t.dk_t, plus sum(dS' * S') for the last token.
+    The value dimension is walked in 64-wide tiles (S, dS', u, do), accumulating what contracts over it."""
+    chunk, dk_width = q_ref.shape
+    dtype = u_ref.dtype
+    d = decay_at(cum_ref, seg_ref, segprev_ref, pl.ds(0, chunk))
+    q, k, w = q_ref[...], k_ref[...], w_ref[...]
+    scores = (cm.dot_nt(q, k) * d.within).astype(dtype)
+    dscores = jnp.zeros((chunk, chunk), jnp.float32)
+    dq = jnp.zeros((chunk, dk_width), jnp.float32)
+    dk = jnp.zeros((chunk, dk_width), jnp.float32)
+    dw = jnp.zeros((chunk, dk_width), jnp.float32)
+    leaving_dot = jnp.zeros((), jnp.float32)
+    tile = min(TILE, u_ref.shape[1])
+    for start in range(0, u_ref.shape[1], tile):
+        cols = pl.ds(start, tile)
+        state, dleaving, do = entering_ref[:, cols], dleaving_ref[:, cols], do_ref[:, cols]
+        corrected = (u_ref[:, cols].astype(jnp.float32) - cm.dot(w, state)).astype(dtype)
+        dscores += cm.dot_nt(do, corrected)
+        dq += d.read * cm.dot_nt(do, state)
+        dk += d.to_end * cm.dot_nt(corrected, dleaving)
+        dcorrected = cm.dot_tn(scores, do) + d.to_end * cm.dot(k, dleaving)
+        du_ref[:, cols] = dcorrected.astype(du_ref.dtype)
+        dw -= cm.dot_nt(dcorrected.astype(dtype), state)
+        leaving = d.survive * state.astype(jnp.float32) + cm.dot_tn((k * d.to_end).astype(dtype), corrected)
+        leaving_dot += jnp.sum(jnp.sum(dleaving.astype(jnp.float32) * leaving, axis=1), axis=0)
+    dscores = (dscores * d.within).astype(dtype)
+    dq += cm.dot(dscores, k)
+    dk += cm.dot_tn(dscores, q)
+    token = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    dcum = (jnp.sum(q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk, axis=1)
+            + jnp.where(token == chunk - 1, leaving_dot, 0.0))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dw_ref[...] = dw.astype(dw_ref.dtype)
+    dcum_ref[...] = dcum
 
 
-def _diagonal_inverse(k, beta, cum, seg, dot_nt):
-    """(I + A)^-1 of one diagonal block by forward substitution: row i of T = e_i - A[i, :] T (rows above
-    i final), rows taken from tiles by masked reductions (no scalar indexing); A[i, :] is read as a column
-    of A^T, built directly (the Gram matrix of a diagonal block is symmetric) so that it broadcasts."""
-    size = k.shape[0]
-    row = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    visible = (row < col) & (seg[:, None] == seg[None, :])  # A^T[j, i] = A[i, j]: j < i, same document
-    a_t = jnp.where(visible, beta[None, :] * jnp.exp(jnp.where(visible, cum[None, :] - cum[:, None], 0.0))
-                    * dot_nt(k, k), 0.0)
+def chunk_grads(p, w, do, entering, dleaving, *, chunk: int, interpret: bool):
+    """Every chunk at once, grid (row, head, chunk): the gradients of q, k, w, u (their dtypes) and cum
+    (float32) given each chunk's entering state and leaving state's gradient (as forward / backward
+    write them, [B, H, N * K, V])."""
+    batch, length, heads, dv = p.v.shape
+    dk = p.q.shape[-1]
 
-    def substitute(i, inverse):
-        a_i = jnp.sum(jnp.where(col == i, a_t, 0.0), axis=1, keepdims=True)  # [size, 1]: A[i, :] as a column
-        return inverse - jnp.where(row == i, jnp.sum(a_i * inverse, axis=0, keepdims=True), 0.0)
+    def tokens(width):
+        return pl.BlockSpec((None, chunk, None, width), lambda b, h, n: (b, n, h, 0))
 
-    return jax.lax.fori_loop(1, size, substitute, jnp.where(row == col, 1.0, 0.0))
-
-
-def _wy_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_ref, u_ref, inverse_ref, *, dtype, precision):
-    """One chunk's WY representation, T = (I + A)^-1 in float32 as fla's solve_tril does it: each 16 x 16
-    diagonal block by forward substitution, the rest by block forward substitution (small matmuls); then
-    w = T diag(beta * read) k and u = T diag(beta) v as matmuls in the kernels' dtype. (The nilpotent
-    series (I + N)(I + N^2)(I + N^4)... would be all matmuls, but with correlated keys its partial powers
-    grow like binomial coefficients and cancel catastrophically; a 64-row substitution loop was 8x slower.)
-    The inverse is written as its [16, 16] blocks, row-block-major: rows (i * count + j) * 16 .."""
-    def general(a, b, contract):
-        return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
-
-    def dot(a, b):
-        return general(a, b, ((1,), (0,))) if a.dtype == jnp.float32 else cm.dot(a, b)
-
-    def dot_nt(a, b):
-        return general(a, b, ((1,), (1,)))
-
-    count = k_ref.shape[0] // BLOCK
-    rows = lambda i: pl.ds(i * BLOCK, BLOCK)  # noqa: E731
-    k = [k_ref[rows(i), :].astype(jnp.float32) for i in range(count)]
-    beta, cum, seg = ([ref[rows(i)] for i in range(count)] for ref in (beta_ref, cum_ref, seg_ref))
-    lane = jax.lax.broadcasted_iota(jnp.int32, (1, BLOCK), 1)
-    seg_before = jnp.sum(jnp.where(lane == 0, segprev_ref[rows(0)][None, :], 0.0), axis=1, keepdims=True)
-    a_blocks = [[None] * count for _ in range(count)]
-    for i in range(count):
-        for j in range(i):  # whole blocks j < i: every pair s < t; A_ts = beta_t exp(G_t - G_s) k_t.k_s
-            same = seg[i][:, None] == seg[j][None, :]
-            decay = jnp.exp(jnp.where(same, cum[i][:, None] - cum[j][None, :], 0.0))
-            a_blocks[i][j] = jnp.where(same, beta[i][:, None] * decay * dot_nt(k[i], k[j]), 0.0)
-    diagonal = [_diagonal_inverse(k[i], beta[i], cum[i], seg[i], dot_nt) for i in range(count)]
-    inverse = _blocks_inverse(a_blocks, diagonal, dot)
-    zeros = jnp.zeros((BLOCK, BLOCK), jnp.float32)
-    for i in range(count):
-        for j in range(count):
-            inverse_ref[rows(i * count + j), :] = inverse[i][j] if j <= i else zeros
-    read = [jnp.where(seg[j][:, None] == seg_before, jnp.exp(cum[j])[:, None], 0.0) for j in range(count)]
-    keys = [((beta[j][:, None] * read[j]) * k[j]).astype(dtype) for j in range(count)]
-    values = [(beta[j][:, None] * v_ref[rows(j), :].astype(jnp.float32)).astype(dtype) for j in range(count)]
-    for i in range(count):
-        low = [inverse[i][j].astype(dtype) for j in range(i + 1)]
-        w_ref[rows(i), :] = sum(dot(low[j], keys[j]) for j in range(i + 1)).astype(dtype)
-        u_ref[rows(i), :] = sum(dot(low[j], values[j]) for j in range(i + 1)).astype(dtype)
-
-
-def wy_representation(k, v, beta, cum, seg, segprev, *, chunk: int, interpret: bool, dtype):
-    """Every chunk at once, grid (row, head, chunk); [B, T, H, *] inputs. Returns w [B, T, H, K] and u [B, T,
-    H, V] in `dtype` and the float32 inverses [B, H, N, C, C]."""
-    batch, length, heads, dk = k.shape
-    dv = v.shape[-1]
-    count = length // chunk
-    tokens = lambda width: pl.BlockSpec((None, chunk, None, width), lambda b, h, n: (b, n, h, 0))  # noqa: E731
     per_head = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
     per_row = pl.BlockSpec((None, chunk), lambda b, h, n: (b, n))
-    blocks = chunk // BLOCK
-    precision = jax.lax.Precision.HIGHEST if interpret else COMPILED_FLOAT32
-    w, u, inverse = pl.pallas_call(
-        functools.partial(_wy_kernel, dtype=dtype, precision=precision), grid=(batch, heads, count),
-        in_specs=[tokens(dk), tokens(dv), per_head, per_head, per_row, per_row],
-        out_specs=[tokens(dk), tokens(dv), pl.BlockSpec((None, None, blocks * chunk, BLOCK), lambda b, h, n: (b, h, n, 0))],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype),
-                   jax.ShapeDtypeStruct((batch, heads, count * blocks * chunk, BLOCK), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, name="delta_scan_wy",
-    )(k, v, beta, cum, seg, segprev)
-    inverse = inverse.reshape(batch, heads, count, blocks, blocks, BLOCK, BLOCK).swapaxes(4, 5)
-    return w, u, inverse.reshape(batch, heads, count, chunk, chunk)
+    state = pl.BlockSpec((None, None, dk, dv), lambda b, h, n: (b, h, n, 0))
+    return pl.pallas_call(
+        _chunk_grads_kernel, grid=(batch, heads, length // chunk),
+        in_specs=[tokens(dk), tokens(dk), tokens(dk), tokens(dv), tokens(dv), per_head, per_row, per_row, state, state],
+        out_specs=[tokens(dk), tokens(dk), tokens(dk), tokens(dv), per_head],
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (p.q, p.k, w, p.v)]
+        + [jax.ShapeDtypeStruct(p.cum.shape, jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=CHUNK_GRAD_WARPS, num_stages=2), interpret=interpret,
+        name="delta_scan_chunk_grads",
+    )(p.q, p.k, w, p.v, do, p.cum, p.seg, p.segprev, entering, dleaving)

@@ -2,16 +2,16 @@
 
 Forward:
   1. Every chunk at once: the WY representation (UT transform) of zoo.layers.gated_deltanet,
-     (I + A) [U | W] = [diag(beta) V | diag(beta * read) K]: a chunk-parallel Pallas kernel on GPUs
-     (gpu.wy_representation), batched triangular solves in XLA elsewhere; its own custom_vjp.
+     (I + A) [U | W] = [diag(beta) V | diag(beta * read) K]: chunk-parallel Pallas kernels on GPUs
+     (gpu_wy.py, forward and backward), batched triangular solves in XLA elsewhere; its own custom_vjp.
   2. Pallas (gpu.py / tpu.py): walk the chunks carrying the state; o and the final state.
 Backward (the custom_vjp of step 2):
   - Pallas: the forward walk again, writing each chunk's entering state, and a reverse walk writing the
     gradient of each chunk's leaving state (and of the initial state).
-  - XLA, every chunk at once: given its entering state and its leaving state's gradient, a chunk's
-    outputs depend on its own inputs only, so their gradients (q, k, w, u and the cumulative decay) are
-    the VJP of chunk_math.forward vmapped over (row, head, chunk) — no hand-derived gradient to get
-    wrong, and the chunk-parallel matmuls are what XLA does well.
+  - Every chunk at once: given its entering state and its leaving state's gradient, a chunk's outputs
+    depend on its own inputs only; their gradients (q, k, w, u and the cumulative decay) come from a
+    chunk-parallel Pallas kernel on GPUs (gpu.chunk_grads, derived by hand) and, elsewhere, from XLA's
+    VJP of chunk_math.forward vmapped over (row, head, chunk) (chunk_grads_xla).
 This is the split flash-linear-attention's chunk_gated_delta_rule makes too (separate kernels for the
 WY representation, the state walk, and the outputs).
 """
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from zoo.layers.recurrent import NO_SEGMENT
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.delta_scan import chunk_math as cm
-from zoo.pallas_kernels.delta_scan import gpu, tpu
+from zoo.pallas_kernels.delta_scan import gpu, gpu_wy, tpu
 from zoo.pallas_kernels.delta_scan.reference import delta_scan_reference
 from zoo.pallas_kernels.ssd_scan.ops import Prepared, prepare
 
@@ -119,38 +119,49 @@ def _per_chunk(fn, segment_args: int = 2):
 def wy_representation(static: _Static, k, v, beta, cum, seg, segprev):
     """(w [B, T, H, K], u [B, T, H, V]) in the kernels' dtype: per chunk X = [U | W] = (I + A)^-1 rhs
     (chunk_system, float32).
-    The GPU computes it in a Pallas kernel (gpu.wy_representation); elsewhere XLA's triangular solve.
-    The gradient, given the inverse T: d rhs = T^T dX, dA = -(d rhs) X^T, then autodiff of
-    chunk_system (batched matmuls: XLA's batched triangular solves are slow on GPUs)."""
-    return _wy_forward(static, k, v, beta, cum, seg, segprev)[0]
+    GPUs: Pallas kernels forward and backward (gpu_wy.py). Elsewhere XLA: triangular solves forward;
+    the gradient given the inverse T, d rhs = T^T dX, dA = -(d rhs) X^T, then autodiff of chunk_system."""
+    return _wy_solve(static, k, v, beta, cum, seg, segprev, with_inverse=False)[:2]
 
 
 def _wy_forward(static, k, v, beta, cum, seg, segprev):
-    if static.kind == "gpu":
-        w, u, inverse = gpu.wy_representation(k, v, beta, cum, seg, segprev, chunk=static.chunk,
-                                              interpret=static.interpret, dtype=jnp.dtype(static.dtype))
-    else:
-        def one_chunk(k, v, beta, cum, seg, segprev):
-            lower, rhs = chunk_system(k, v, beta, cum, seg, segprev)
-            system = jnp.eye(lower.shape[0], dtype=F32) + lower
-            inverse = jax.scipy.linalg.solve_triangular(system, jnp.eye(lower.shape[0], dtype=F32), lower=True,
-                                                        unit_diagonal=True)
-            solved = jnp.dot(inverse, rhs, precision=jax.lax.Precision.HIGHEST).astype(v.dtype)
-            return solved[:, v.shape[-1]:], solved[:, :v.shape[-1]], inverse
-
-        w, u, inverse = _per_chunk(one_chunk)(*(_chunked(a, static.chunk) for a in (k, v, beta, cum, seg, segprev)))
-        w, u = _unchunked(w), _unchunked(u)
+    w, u, inverse = _wy_solve(static, k, v, beta, cum, seg, segprev, with_inverse=True)
     return (w, u), (k, v, beta, cum, seg, segprev, w, u, inverse)
+
+
+def _wy_solve(static, k, v, beta, cum, seg, segprev, *, with_inverse):
+    """(w, u, the inverses as _wy_backward takes them, or None)."""
+    if static.kind == "gpu":
+        outputs = gpu_wy.wy_representation(k, v, beta, cum, seg, segprev, chunk=static.chunk,
+                                           interpret=static.interpret, dtype=jnp.dtype(static.dtype),
+                                           with_inverse=with_inverse)
+        return outputs if with_inverse else (*outputs, None)
+
+    def one_chunk(k, v, beta, cum, seg, segprev):
+        lower, rhs = chunk_system(k, v, beta, cum, seg, segprev)
+        system = jnp.eye(lower.shape[0], dtype=F32) + lower
+        inverse = jax.scipy.linalg.solve_triangular(system, jnp.eye(lower.shape[0], dtype=F32), lower=True,
+                                                    unit_diagonal=True)
+        solved = jnp.dot(inverse, rhs, precision=jax.lax.Precision.HIGHEST).astype(v.dtype)
+        return solved[:, v.shape[-1]:], solved[:, :v.shape[-1]], inverse
+
+    w, u, inverse = _per_chunk(one_chunk)(*(_chunked(a, static.chunk) for a in (k, v, beta, cum, seg, segprev)))
+    return _unchunked(w), _unchunked(u), inverse
 
 
 def _wy_backward(static, residuals, cotangents):
     k, v, beta, cum, seg, segprev, w, u, inverse = residuals
     dw, du = cotangents
+    zeros = (jnp.zeros_like(seg), jnp.zeros_like(segprev))
+    if static.kind == "gpu":
+        grads = gpu_wy.wy_backward(k, v, beta, cum, seg, segprev, w, u, inverse, dw, du, chunk=static.chunk,
+                                   interpret=static.interpret)
+        return (*grads, *zeros)
     c = static.chunk
     solved = jnp.concatenate([_chunked(u, c), _chunked(w, c)], axis=-1).astype(F32)
     dsolved = jnp.concatenate([_chunked(du, c), _chunked(dw, c)], axis=-1).astype(F32)
-    # Exact float32 products for float32 kernels; for bf16 kernels XLA's default (TF32 on GPUs), whose
-    # rounding is below the bf16 rounding the gradients get.
+    # Exact float32 products for float32 kernels; XLA's default for bf16 kernels, whose rounding is below
+    # the bf16 rounding the gradients get.
     precision = jax.lax.Precision.HIGHEST if static.dtype == "float32" else jax.lax.Precision.DEFAULT
     drhs = jnp.einsum("...ts,...tx->...sx", inverse, dsolved, precision=precision)
     dlower = -jnp.einsum("...tx,...sx->...ts", drhs, solved, precision=precision)
@@ -158,7 +169,7 @@ def _wy_backward(static, residuals, cotangents):
     system = functools.partial(chunk_system, precision=precision)
     _, vjp = jax.vjp(lambda *a: _per_chunk(system)(*a, *segs), *(_chunked(a, c) for a in (k, v, beta, cum)))
     dk, dv, dbeta, dcum = (_unchunked(g) for g in vjp((dlower, drhs)))
-    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dcum, jnp.zeros_like(seg), jnp.zeros_like(segprev)
+    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dcum, *zeros
 
 
 wy_representation.defvjp(_wy_forward, _wy_backward)
@@ -180,11 +191,22 @@ def _walk_forward(static, q, k, w, u, cum, seg, segprev, state):
 def _walk_backward(static, residuals, cotangents):
     p, w, states = residuals
     do, dfinal = cotangents
-    dleaving, dstate = KERNELS[static.kind].backward(p, w, do.astype(p.v.dtype), dfinal.astype(F32),
-                                                     chunk=static.chunk, interpret=static.interpret)
-    c = static.chunk
-    batch, heads, dk, dv = dstate.shape
-    entering, dleaving = (a.reshape(batch, heads, -1, dk, dv) for a in (states, dleaving))
+    do = do.astype(p.v.dtype)
+    dleaving, dstate = KERNELS[static.kind].backward(p, w, do, dfinal.astype(F32), chunk=static.chunk,
+                                                     interpret=static.interpret)
+    chunk_grads = gpu.chunk_grads if static.kind == "gpu" else chunk_grads_xla
+    grads = chunk_grads(p, w, do, states, dleaving, chunk=static.chunk, interpret=static.interpret)
+    return (*grads, jnp.zeros_like(p.seg), jnp.zeros_like(p.segprev), dstate)
+
+
+def chunk_grads_xla(p, w, do, entering, dleaving, *, chunk: int, interpret: bool = False):
+    """gpu.chunk_grads in XLA (TPUs): every chunk's gradients of q, k, w, u and cum given its entering
+    state and its leaving state's gradient, as the VJP of chunk_math.forward vmapped over (row, head,
+    chunk)."""
+    del interpret
+    batch, heads, _, dv = entering.shape
+    dk = p.q.shape[-1]
+    entering, dleaving = (a.reshape(batch, heads, -1, dk, dv) for a in (entering, dleaving))
     dtypes = [a.dtype for a in (p.q, p.k, w, p.v)]
 
     def one_chunk(q, k, w, u, cum, entering, seg, segprev):
@@ -193,13 +215,11 @@ def _walk_backward(static, residuals, cotangents):
         return cm.forward(q, k, w, u, _decay(cum, seg, segprev), entering)
 
     per_chunk = _per_chunk(one_chunk)
-    seg, segprev = _chunked(p.seg, c), _chunked(p.segprev, c)
-    inputs = [_chunked(a.astype(F32), c) for a in (p.q, p.k, w, p.v, p.cum)]
+    seg, segprev = _chunked(p.seg, chunk), _chunked(p.segprev, chunk)
+    inputs = [_chunked(a.astype(F32), chunk) for a in (p.q, p.k, w, p.v, p.cum)]
     _, vjp = jax.vjp(lambda *a: per_chunk(*a, entering, seg, segprev), *inputs)
-    dq, dk_, dw, du, dcum = (_unchunked(g) for g in vjp((_chunked(do.astype(F32), c), dleaving.astype(F32))))
-    cast = lambda g, like: g.astype(like.dtype)  # noqa: E731
-    return (cast(dq, p.q), cast(dk_, p.k), cast(dw, w), cast(du, p.v), dcum, jnp.zeros_like(p.seg),
-            jnp.zeros_like(p.segprev), dstate)
+    dq, dk_, dw, du, dcum = (_unchunked(g) for g in vjp((_chunked(do.astype(F32), chunk), dleaving.astype(F32))))
+    return dq.astype(p.q.dtype), dk_.astype(p.k.dtype), dw.astype(w.dtype), du.astype(p.v.dtype), dcum
 
 
 _walk.defvjp(_walk_forward, _walk_backward)
