@@ -2,9 +2,10 @@
 
     python bench/delta_scan_breakdown.py          # B=8, T=4096, H=16, K=V=128, bf16
 
-Pieces: the WY representation forward (Pallas kernel) and backward (XLA, given the inverse); the state
-walk without and with the per-chunk states the backward needs; the reverse walk kernel; the walk's
-whole backward (reverse walk + the XLA chunk-parallel VJP). Timing as bench/scan_kernels.py (medians).
+Pieces: the WY representation forward (without and with the inverse the backward needs) and backward
+(Pallas kernels, gpu_wy.py); the state walk without and with the per-chunk states the backward needs;
+the reverse walk kernel; the walk's whole backward (reverse walk + the chunk-gradient kernel). Timing
+as bench/scan_kernels.py (medians).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main():
     p, padded = prepare("gpu", sk.CHUNK, q, k, v, g, segments, jnp.full((batch,), -1, jnp.int32), state)
     static = ops._Static("gpu", False, sk.CHUNK, "bfloat16")
     wy_inputs = (p.k, p.v, beta, p.cum, p.seg, p.segprev)
-    print(f"WY forward        {ms(lambda *a: ops._wy_forward(static, *a)[0], *wy_inputs):.3f} ms", flush=True)
+    print(f"WY forward        {ms(lambda *a: ops.wy_representation(static, *a), *wy_inputs):.3f} ms", flush=True)
+    print(f"WY + inverse      {ms(lambda *a: ops._wy_forward(static, *a)[0], *wy_inputs):.3f} ms", flush=True)
     (w, u), wy_residuals = ops._wy_forward(static, *wy_inputs)
     print(f"WY backward       {ms(lambda r, dw, du: ops._wy_backward(static, r, (dw, du)), wy_residuals, w, u):.3f} ms")
     walk_inputs = (p.q, p.k, w, u, p.cum, p.seg, p.segprev, padded)
