@@ -94,8 +94,9 @@ def backward(p, w, do, dfinal, *, chunk: int, interpret: bool):
     )(p.q, p.k, w, do, p.cum, p.seg, p.segprev, dfinal)
 
 
-# B8 T4096 H16 K=V=128 bf16 on an H100: 2.8 ms with 4 warps, 3.8 ms with 8, 62 ms with 2 (spills);
-# XLA's vmapped VJP of the same: 4.1 ms.
+# Warps per program (`python bench/delta_scan_breakdown.py --sweep`, B8 T4096 H16 K=V=128 bf16, H100):
+# 49.6 / 61.9 / 2.75 / 3.76 ms with 1 / 2 / 4 / 8 warps (fewer spill registers); XLA's vmapped VJP of the
+# same 3.85 ms.
 CHUNK_GRAD_WARPS = 4
 
 
@@ -109,8 +110,8 @@ def _chunk_grads_kernel(q_ref, k_ref, w_ref, u_ref, do_ref, cum_ref, seg_ref, se
     is proportional to exp(G_last), dcum_t = q_t.dq_t - k_t.dk_t, plus sum(dS' * S') for the last token.
     A program owns one 64-wide tile of K (the columns of dq, dk, dw; the rows of S, dS' and S' its part
     of dcum sums) and walks V in 64-wide tiles, accumulating what contracts over V: one program for all
-    of K kept three [C, K] float32 accumulators live (3.4 ms against 2.8 ms tiled, B8 T4096 H16 on an
-    H100). c and dc need all of K; the first K-tile's program writes du."""
+    of K kept three [C, K] float32 accumulators live and was slower. c and dc need all of
+    K; the first K-tile's program writes du."""
     chunk = q_ref.shape[0]
     dtype = u_ref.dtype
     key_tile = pl.program_id(2) % key_tiles

@@ -28,9 +28,9 @@ BLOCK = 16
 # interpreter (CPU) takes IEEE.
 COMPILED_FLOAT32 = {"float32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
                     "bfloat16": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}
-# Two warps per chunk: the substitution's reductions on 16 x 16 tiles stay within fewer warps. Forward,
-# B8 T4096 H16 bf16 on an H100: 0.44 ms with 2 warps, 0.64 ms with 4, 1.21 ms with 8.
-# Backward: 1.66 ms with 2 or 4 warps, 2.16 ms with 1 (XLA's batched matmuls given T: 3.2 ms).
+# Warps per program (`python bench/delta_scan_breakdown.py --sweep`, B8 T4096 H16 K=V=128 bf16, H100):
+# forward 1.28 / 0.51 / 0.66 / 1.21 ms with 1 / 2 / 4 / 8 warps (XLA's triangular solves 2.63 ms);
+# backward 2.18 / 1.67 / 1.64 / 2.38 ms (XLA's batched matmuls given T 3.11 ms).
 WARPS = 2
 WARPS_BACKWARD = 2
 
@@ -142,8 +142,8 @@ def _backward_kernel(k_ref, v_ref, beta_ref, cum_ref, seg_ref, segprev_ref, w_re
         dbeta_t = d rhs_u[t].v_t + read_t d rhs_w[t].k_t + sum_s (dA E k k^T)_ts,
         dcum_t = beta_t read_t d rhs_w[t].k_t + sum_s P_ts - sum_s P_st.
     Row blocks are finished last to first: block j's dk needs dG_tj of the later blocks t > j. Matmul
-    inputs are in the kernels' dtype (bf16: as fla's backward; float32 TF32 inputs took 3.4 ms, bf16
-    1.7 ms at B8 T4096 H16 on an H100)."""
+    inputs are in the kernels' dtype (bf16, as fla's backward; float32 operands in registers doubled
+    the register footprint and the kernel lost to XLA's batched matmuls)."""
     dot, dtype = _dot(precision), k_ref.dtype
     tokens = _Tokens(beta_ref, cum_ref, seg_ref, segprev_ref)
     count, beta, read = tokens.count, tokens.beta, tokens.read
