@@ -56,10 +56,12 @@ LEARNING_RATE = 1e-3
 
 
 def _optimizer(config, steps=10):
-    # Adam's first update is lr * g / (|g| + eps): for a gradient entry within a few eps of zero
-    # it amplifies the last-bit differences of a re-ordered reduction by |g| / eps. eps = 1e-6
-    # bounds that amplification; the updated parameters must then agree to 1% of one update.
-    optim = OptimConfig(learning_rate=LEARNING_RATE, warmup_steps=0, eps=1e-6, z_loss=1e-4)
+    # Adam's first update is lr * g / (|g| + eps): for a gradient entry within a few eps of zero it
+    # amplifies the last-bit differences of a re-ordered reduction by up to 1 / eps. With eps = 1e-6,
+    # 2 of 20480 entries of gqa-tiny on mesh (1, 8, 1) moved by 1.4% of an update (CI, 2026-11-23);
+    # eps = 1e-4 bounds the amplification 100x tighter, and the updated parameters must agree to 1% of
+    # one update.
+    optim = OptimConfig(learning_rate=LEARNING_RATE, warmup_steps=0, eps=1e-4, z_loss=1e-4)
     return make_optimizer(optim, steps, nn.unbox(boxed_abstract_params(config)))
 
 
