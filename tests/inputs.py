@@ -1,4 +1,4 @@
-"""Random inputs and drivers shared by the mixer tests."""
+"""Random inputs and drivers shared by the mixer and kernel tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+
+from zoo.pallas_kernels import dispatch
+
+
+def impl_for(platform: str) -> str:
+    """The compiled kernel where the tests run on that platform, else its interpreter."""
+    return "pallas" if dispatch.resolve("auto").kind == platform else "interpret"
 
 
 def packed_batch(rng: np.random.Generator, batch: int, length: int, d_model: int):

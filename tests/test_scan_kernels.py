@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inputs import forward, init, packed_batch
+from inputs import forward, impl_for, init, packed_batch
 from reference import TOLERANCE, relative_error, relative_rms_error, tolerance
 from zoo.errors import ConfigError
 from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
@@ -28,10 +28,6 @@ from zoo.pallas_kernels.ssd_scan.mlstm import mlstm_scan
 from zoo.pallas_kernels.ssd_scan.reference import ssd_scan_reference
 
 CHUNK = 16
-
-
-def impl_for(platform: str) -> str:
-    return "pallas" if dispatch.resolve("auto").kind == platform else "interpret"
 
 
 def random_documents(rng, batch, length):

@@ -1,0 +1,108 @@
+"""Attention kernels on one GPU: MLA absorbed decode (zoo.pallas_kernels.mla_decode) against zoo's XLA
+form of the same step, with the HBM copy ceiling measured in the same run.
+
+    python bench/attention_kernels.py --batches 64,128 --contexts 4096,8192,16384,32768 --out results.jsonl
+    python bench/attention_kernels.py --sweep   # also head_block x block x warps at one shape
+
+Shape as DeepSeek-V2/V3 decode: 128 heads, kv_lora_rank 512, RoPE dim 64, bf16 cache and queries, every
+row attending to its whole context (lengths = context). XLA = zoo.layers.mla.latent_attention on the
+same bf16 arrays (what the MLA layer runs today). Achieved GB/s counts the compulsory traffic: the
+cache read once (c and k_pe), queries read and outputs written once; TFLOP/s counts 2 * H * context *
+(2R + P) per row. Timing: two untimed calls, then median of `--repeats` groups of 10 calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scan_kernels import ceilings, time_jax  # noqa: E402
+from zoo.layers.mla import latent_attention  # noqa: E402
+from zoo.pallas_kernels.mla_decode import gpu, mla_decode  # noqa: E402
+
+HEADS, RANK, ROPE = 128, 512, 64
+
+
+def inputs(batch, context):
+    keys = jax.random.split(jax.random.key(0), 4)
+    shapes = [(batch, HEADS, RANK), (batch, HEADS, ROPE), (batch, context, RANK), (batch, context, ROPE)]
+    q_lat, q_pe, c, k_pe = (jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(keys, shapes))
+    return q_lat, q_pe, c, k_pe, jnp.full((batch,), context, jnp.int32)
+
+
+def xla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale):
+    mask = jnp.arange(c.shape[1])[None, None, :] < lengths[:, None, None]
+    return latent_attention(q_lat[:, None, :, None], q_pe[:, None], c[:, :, None], k_pe, mask, scale=scale)[:, 0, :, 0]
+
+
+def traffic_bytes(batch, context):
+    return 2 * batch * (context * (RANK + ROPE) + HEADS * (RANK + ROPE)) + 4 * batch * HEADS * RANK
+
+
+def flops(batch, context):
+    return 2 * batch * HEADS * context * (2 * RANK + ROPE)
+
+
+def measure(batch, context, repeats, **kernel_args):
+    args = inputs(batch, context)
+    scale = (RANK + ROPE) ** -0.5  # any scale: the timing does not depend on it
+    ours = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl="pallas", **kernel_args))
+    seconds = time_jax(ours, *args, repeats=repeats)
+    record = {"batch": batch, "context": context, "heads": HEADS, "rank": RANK, "rope": ROPE, "dtype": "bfloat16",
+              "zoo_pallas_ms": 1e3 * seconds, "zoo_pallas_GBps": traffic_bytes(batch, context) / seconds / 1e9,
+              "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, **kernel_args}
+    return record, ours, args, scale
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="64,128")
+    parser.add_argument("--contexts", default="4096,8192,16384,32768")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = jax.devices()[0].device_kind
+    ceiling = ceilings(args.repeats)
+    print(f"{device}: copy {ceiling['copy_GBps']:.0f} GB/s, bf16 matmul {ceiling['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
+          flush=True)
+    records = []
+    if args.sweep:
+        for head_block, block, warps in itertools.product((16, 32, 64), (32, 64), (4, 8)):
+            gpu.WARPS = warps
+            try:
+                record, *_ = measure(128, 8192, args.repeats, head_block=head_block, block=block)
+            except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile is reported
+                print(f"head_block {head_block} block {block} warps {warps}: {type(error).__name__}: "
+                      f"{str(error)[:200]}", flush=True)
+                continue
+            record.update(warps=warps, device=device, **ceiling)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+        gpu.WARPS = 4
+    for batch, context in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
+        record, ours, inputs_, scale = measure(batch, context, args.repeats)
+        xla = jax.jit(lambda *a: xla_decode(*a, scale=scale))
+        xla_seconds = time_jax(xla, *inputs_, repeats=args.repeats)
+        got, want = ours(*inputs_), xla(*inputs_).astype(jnp.float32)
+        record.update(device=device, **ceiling, zoo_xla_ms=1e3 * xla_seconds,
+                      zoo_xla_GBps=traffic_bytes(batch, context) / xla_seconds / 1e9,
+                      fraction_of_copy=record["zoo_pallas_GBps"] / ceiling["copy_GBps"],
+                      err_pallas_vs_xla=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))))
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        del inputs_
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+if __name__ == "__main__":
+    main()

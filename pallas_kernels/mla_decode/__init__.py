@@ -1,0 +1,6 @@
+"""MLA decode in the absorbed form (DeepSeek-V2): one query token per sequence attending over its latent
+cache, read once; split-K over long contexts (flash-decoding), ragged lengths (ops.mla_decode)."""
+
+from zoo.pallas_kernels.mla_decode.ops import mla_decode
+
+__all__ = ["mla_decode"]
