@@ -57,3 +57,10 @@ def test_default_splits_fill_the_gpu_without_tiny_splits():
     assert default_splits(batch=128, slots=8192, block=64) == 2
     assert default_splits(batch=1, slots=32768, block=64) == 64  # 32768 / (8 * 64) = 64 < 264
     assert default_splits(batch=4, slots=256, block=64) == 1
+
+
+def test_mla_decode_rejects_a_block_triton_cannot_tile():
+    args = (jnp.zeros((1, 2, 32)), jnp.zeros((1, 2, 16)), jnp.zeros((1, 64, 32)), jnp.zeros((1, 64, 16)),
+            jnp.ones((1,), jnp.int32))
+    with pytest.raises(ValueError, match="power of two"):
+        mla_decode(*args, scale=1.0, impl="interpret", platform="gpu", block=24)

@@ -255,8 +255,9 @@ LAYERS = {
 # Parameter gradients sum more terms than outputs (as in test_recurrent). mLSTM's two forms also
 # stabilise differently (the kernel rescales the state by exp(-m_t) every token, the chunked form once
 # per chunk), so float32 rounding differs by those rescalings; the worst leaves are the 2-element gate
-# biases (|g| ~ 1e-2, differences ~ 2e-6). Measured over 13 seeds: max 1.5e-4.
-LAYER_GRAD_TOLERANCE = {"mlstm": 5e-4}
+# biases, sums over all tokens that nearly cancel (|g| ~ 5e-3, differences ~ 3e-6). Worst leaf per
+# seed: 13 seeds median 3e-6, max 1.5e-4; 9 more seeds, one at 5.3e-4 (seed 100).
+LAYER_GRAD_TOLERANCE = {"mlstm": 2e-3}
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))

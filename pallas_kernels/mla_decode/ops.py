@@ -25,8 +25,9 @@ def _tile_width(n: int) -> int:
 
 
 def default_splits(batch: int, slots: int, block: int, target_programs: int = 264) -> int:
-    """Enough splits that the grid has ~2 programs per streaming multiprocessor of an H100 (132) when
-    rows alone do not, without splits shorter than 8 blocks."""
+    """Enough splits that rows x splits reach ~2 per streaming multiprocessor of an H100 (132) when rows
+    alone do not (each (row, split) is then H / head_block programs), without splits shorter than 8
+    blocks."""
     return max(1, min(target_programs // max(batch, 1), slots // (8 * block)))
 
 
@@ -49,7 +50,8 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, impl: str = "auto
         raise NotImplementedError("mla_decode has no Mosaic (TPU) kernel yet: use impl='xla' or 'auto' on TPUs")
     if backend.kind != "gpu":
         return mla_decode_reference(q_lat, q_pe, c, k_pe, lengths, scale=scale)
-    dispatch.check_chunk(backend, block)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16 (Triton's matmul tiles), got {block}")
     splits = splits or default_splits(batch, slots, block)
     head_block = min(_tile_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
