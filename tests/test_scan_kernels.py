@@ -256,8 +256,10 @@ LAYERS = {
 # stabilise differently (the kernel rescales the state by exp(-m_t) every token, the chunked form once
 # per chunk), so float32 rounding differs by those rescalings; the worst leaves are the 2-element gate
 # biases, sums over all tokens that nearly cancel (|g| ~ 5e-3, differences ~ 3e-6). Worst leaf per
-# seed: 13 seeds median 3e-6, max 1.5e-4; 9 more seeds, one at 5.3e-4 (seed 100).
-LAYER_GRAD_TOLERANCE = {"mlstm": 2e-3}
+# seed: 13 seeds median 3e-6, max 1.5e-4; 9 more seeds, one at 5.3e-4 (seed 100). Gated DeltaNet's
+# 2-element decay parameters (A_log, dt_bias) are such sums too: seed 114 gave 8.6e-4 with the GPU
+# chunk-gradient kernel and 1.5e-4 with the XLA VJP in its place; 21 other seeds stayed below 1e-4.
+LAYER_GRAD_TOLERANCE = {"mlstm": 2e-3, "gated_deltanet": 2e-3}
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
