@@ -5,6 +5,8 @@
 #   bench/device_run.sh train      `zoo train` of a hybrid preset on the embedded corpus (bf16 on GPU)
 #   bench/device_run.sh kernels    the kernel tests compiled on the GPU, then bench/scan_kernels.py (fla peer)
 #   bench/device_run.sh impl-train one hybrid preset trained with kernel_impl=xla and =pallas, curves compared
+#   bench/device_run.sh attention  the attention kernel tests compiled on the GPU, bench/flash_attention.py (cuDNN,
+#                                  torch SDPA peers), bench/attention_kernels.py (MLA decode), bench/decode_speed.py
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -30,6 +32,14 @@ case "${1:-bench}" in
       "$repo/tests/test_scan_kernels.py" 2>&1) | tee "$OUT/kernel_tests.log" | tail -5
     python3 bench/scan_kernels.py --lengths "${LENGTHS:-2048,4096,8192}" --out "$OUT/scan_kernels.jsonl" 2>&1 \
       | tee "$OUT/scan_kernels.log" ;;
+  attention)
+    repo=$PWD
+    (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider -c "$repo/pyproject.toml" \
+      "$repo/tests/test_attention_kernels.py" 2>&1) | tee "$OUT/attention_tests.log" | tail -5
+    python3 bench/flash_attention.py ${FLASH_ARGS:-} --out "$OUT/flash_attention.jsonl" 2>&1 | tee "$OUT/flash_attention.log"
+    python3 bench/attention_kernels.py --batches 64,128 --contexts 8192,32768 --out "$OUT/attention_kernels.jsonl" 2>&1 \
+      | tee "$OUT/attention_kernels.log"
+    (cd /tmp && python3 "$repo/bench/decode_speed.py" --out "$OUT/decode_speed.jsonl" 2>&1) | tee "$OUT/decode_speed.log" ;;
   impl-train)
     for impl in xla pallas; do
       (cd /tmp && python3 -m zoo.cli train --preset "${PRESET:-mamba2-hybrid-125m}" --steps "${STEPS:-100}" --batch-size 16 \

@@ -11,8 +11,11 @@ MixAttention KV sharing across layers.
 - MixAttention (Rajput et al. 2024, after Character.AI): a layer with `shared_kv_source=j` has no
   K/V projections and no cache of its own; it attends its own queries over layer j's keys/values.
 
-Causality, windows, sinks and document boundaries are all decided from positions and segment ids:
-packed documents must restart positions at 0 and carry distinct segment ids.
+Causality, windows, sinks and document boundaries are all decided from positions and segment ids
+(zoo.pallas_kernels.flash_attention.masking): packed documents must restart positions at 0 and carry
+distinct segment ids. Training and prefill run zoo.pallas_kernels.flash_attention (`impl`: "auto" is
+the Pallas kernel on GPUs and this file's dense softmax elsewhere); single-token decode is the dense
+softmax everywhere (one query row would fill one row of a kernel's 128-row tile).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from zoo.errors import ConfigError
 from zoo.layers.kv_cache import EmptyCache, SlotCache
 from zoo.layers.params import constrain, weight
 from zoo.layers.rope import apply_rope
-from zoo.errors import ConfigError
+from zoo.pallas_kernels.dispatch import IMPLS
+from zoo.pallas_kernels.flash_attention import flash_attention
+from zoo.pallas_kernels.flash_attention.masking import visible
 
 MASKED = -1e30  # finite, so a row with nothing visible stays NaN-free
 
@@ -45,6 +51,7 @@ class AttentionConfig:
     sink_logits: bool = False  # learned per-head sink logit in the softmax denominator
     shared_kv_source: int | None = None  # MixAttention: reuse this earlier layer's K/V
     qkv_bias: bool = False
+    impl: str = "auto"  # training / prefill attention: "auto" (Pallas on GPUs), "xla", "pallas", "interpret"
 
     def validate(self, field: str) -> None:
         for name in ("num_heads", "num_kv_heads", "head_dim"):
@@ -61,6 +68,8 @@ class AttentionConfig:
             raise ConfigError(f"{field}.sink_tokens", f"must be >= 0, got {self.sink_tokens}")
         if self.sink_tokens and self.window is None:
             raise ConfigError(f"{field}.sink_tokens", "sink tokens only make sense with a sliding window")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"{field}.impl", f"must be one of {IMPLS}, got {self.impl!r}")
         rotary = self.head_dim if self.rotary_dim is None else self.rotary_dim
         if not 0 < rotary <= self.head_dim or rotary % 2:
             raise ConfigError(f"{field}.rotary_dim", f"must be even and in (0, {self.head_dim}], got {rotary}")
@@ -84,11 +93,8 @@ class KVView:
 
 def attention_mask(q_pos, q_seg, k_pos, k_seg, *, window=None, sink_tokens=0) -> jax.Array:
     """[B, T, S] visibility: same document, causal by position, inside the window or a sink."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp >= 0) & (kp <= qp) & (q_seg[:, :, None] == k_seg[:, None, :])
-    if window is not None:
-        mask &= (qp - kp < window) | (kp < sink_tokens)
-    return mask
+    return visible(q_pos[:, :, None], q_seg[:, :, None], k_pos[:, None, :], k_seg[:, None, :], window=window,
+                   sink_tokens=sink_tokens)
 
 
 def dot_product_attention(q, k, v, mask, *, scale: float, sink_logits=None) -> jax.Array:
@@ -178,11 +184,11 @@ class Attention(nn.Module):
         sinks = None
         if cfg.sink_logits:
             sinks = weight(self, "sink_logits", (cfg.num_heads,), ("heads",), init=nn.initializers.zeros, dtype=self.param_dtype)
-        mask = attention_mask(
-            positions, segment_ids, view.positions, view.segment_ids, window=cfg.window, sink_tokens=cfg.sink_tokens
+        out = flash_attention(
+            q, view.k.astype(self.dtype), view.v.astype(self.dtype), positions, segment_ids, view.positions,
+            view.segment_ids, scale=cfg.head_dim**-0.5, window=cfg.window, sink_tokens=cfg.sink_tokens,
+            sink_logits=sinks, impl=cfg.impl if x.shape[1] > 1 else "xla",
         )
-        out = dot_product_attention(q, view.k.astype(self.dtype), view.v.astype(self.dtype), mask,
-                                    scale=cfg.head_dim**-0.5, sink_logits=sinks)
         o_proj = weight(
             self, "o_proj", (cfg.num_heads, cfg.head_dim, self.d_model), ("heads", "head_dim", "embed"),
             fan_in_axes=2, dtype=self.param_dtype,

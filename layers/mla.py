@@ -16,6 +16,13 @@ calibration latents) spreads or orders its energy; R cancels exactly in full MLA
 so the MLA weights load unchanged. Prefill (cache=None, or more than one new token) runs in MLA
 form; single-token decode runs sharded. With tp=1 and no transform TPLA is MLA, bit for bit.
 Under a mesh the shard dimension carries the logical name "latent_shards" (mapped to "tensor").
+
+Kernels (`impl`): the expanded form runs zoo.pallas_kernels.flash_attention with two score parts (the
+no-RoPE features against per-head keys, the RoPE features against the one shared key), and single-token
+decode runs zoo.pallas_kernels.mla_decode.latent_decode (one softmax per latent shard, a psum over the
+"tensor" mesh axis for TPLA). That decode writes the new token first and attends slots 0 .. position,
+which is the mask's answer for a full-context cache filled in order (slot = position; any stale slot
+beyond the position is in the future). Caches are allocated in multiples of the decode kernel's block.
 """
 
 from __future__ import annotations
@@ -29,11 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.errors import ConfigError
-from zoo.layers.attention import MASKED, attention_mask, dot_product_attention
+from zoo.layers.attention import MASKED
 from zoo.layers.kv_cache import SlotCache
 from zoo.layers.norms import rms_norm
-from zoo.layers.params import constrain, weight
+from zoo.layers.params import weight
 from zoo.layers.rope import apply_rope
+from zoo.pallas_kernels.dispatch import IMPLS
+from zoo.pallas_kernels.flash_attention import flash_attention
+from zoo.pallas_kernels.mla_decode import latent_decode
+
+CACHE_BLOCK = 64  # latent caches hold a multiple of this many slots: mla_decode's block, read in place
 
 TRANSFORMS = ("none", "hadamard", "pca")
 
@@ -48,8 +60,11 @@ class MLAConfig:
     q_lora_rank: int | None = None
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    impl: str = "auto"  # prefill attention and decode kernels: "auto" (Pallas on GPUs), "xla", "pallas", "interpret"
 
     def validate(self, field: str) -> None:
+        if self.impl not in IMPLS:
+            raise ConfigError(f"{field}.impl", f"must be one of {IMPLS}, got {self.impl!r}")
         for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{field}.{name}", f"must be positive, got {getattr(self, name)}")
@@ -118,7 +133,7 @@ def latent_attention(q_lat, q_pe, c, k_pe, mask, *, scale: float):
 def latent_init_cache(config: MLAConfig, batch: int, max_len: int, dtype) -> SlotCache:
     shards = config.shards
     return SlotCache.create(
-        batch, max_len,
+        batch, -(-max_len // CACHE_BLOCK) * CACHE_BLOCK,
         {"c_kv": (shards, config.kv_lora_rank // shards), "k_pe": (config.qk_rope_head_dim,)},
         dtype,
         axes={"c_kv": ("latent_shards", "latent_shard_dim"), "k_pe": ("head_dim",)},
@@ -176,33 +191,38 @@ class MLA(nn.Module):
         k_pe = apply_rope(compressed[..., None, rank:], positions, base=cfg.rope_base)[:, :, 0]
         scale = qk_dim**-0.5
 
-        if cache is None:  # expanded MLA form
-            k_nope = jnp.einsum("btr,rhn->bthn", c, k_up)
-            v = jnp.einsum("btr,rhv->bthv", c, v_up)
-            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_nope.shape[:3], rope_dim))], axis=-1)
-            q_full = jnp.concatenate([q_nope, q_pe], axis=-1)
-            mask = attention_mask(positions, segment_ids, positions, segment_ids)
-            out = dot_product_attention(q_full, k, v, mask, scale=scale)
-            return jnp.einsum("bthv,hvd->btd", out, o_proj), None
+        stored = None if cache is None else (c if transform is None else c @ transform)
+        if cache is None or x.shape[1] > 1:  # expanded MLA form: training, and prefill over the cache's view
+            keys_c, keys_pe, key_pos, key_seg, new_cache = c, k_pe, positions, segment_ids, None
+            if cache is not None:
+                entries, key_pos, key_seg = cache.view(self._entries(stored, k_pe), positions, segment_ids)
+                new_cache = cache.write(self._entries(stored, k_pe), positions, segment_ids)
+                keys_c = entries["c_kv"].astype(self.dtype).reshape(*entries["c_kv"].shape[:2], rank)
+                keys_c = keys_c if transform is None else keys_c @ transform.T  # R is orthogonal
+                keys_pe = entries["k_pe"].astype(self.dtype)
+            k_nope = jnp.einsum("bsr,rhn->bshn", keys_c, k_up)
+            v = jnp.einsum("bsr,rhv->bshv", keys_c, v_up)
+            out = flash_attention((q_nope, q_pe), (k_nope, keys_pe[:, :, None]), v, positions, segment_ids, key_pos,
+                                  key_seg, scale=scale, impl=cfg.impl)
+            return jnp.einsum("bthv,hvd->btd", out, o_proj), new_cache
 
-        # Absorbed form over the latent cache.
-        q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, k_up)
+        # Single-token decode: the absorbed form over the latent cache, one softmax per latent shard.
+        shards = cfg.shards
+        q_lat = jnp.einsum("bhn,rhn->bhr", q_nope[:, 0], k_up)
         if transform is not None:
-            c, q_lat = c @ transform, q_lat @ transform
+            q_lat = q_lat @ transform
             v_up = jnp.einsum("rs,rhv->shv", transform, v_up)
-        shards = cfg.shards if x.shape[1] == 1 else 1  # prefill chunks run in MLA form
-        stored = c.reshape(*c.shape[:2], cfg.shards, rank // cfg.shards)
-        entries, view_pos, view_seg = cache.view({"c_kv": stored, "k_pe": k_pe}, positions, segment_ids)
-        new_cache = cache.write({"c_kv": stored, "k_pe": k_pe}, positions, segment_ids)
+        new_cache = cache.write(self._entries(stored, k_pe), positions, segment_ids)
+        out = latent_decode(
+            q_lat.reshape(q_lat.shape[0], heads, shards, rank // shards), q_pe[:, 0],
+            new_cache.entries["c_kv"].astype(self.dtype), new_cache.entries["k_pe"].astype(self.dtype),
+            positions[:, 0] + 1, v_up.reshape(shards, rank // shards, heads, cfg.v_head_dim), scale=scale, impl=cfg.impl,
+        )
+        return jnp.einsum("bhv,hvd->bd", out.astype(self.dtype), o_proj)[:, None], new_cache
 
-        view_c = entries["c_kv"].astype(self.dtype).reshape(*entries["c_kv"].shape[:2], shards, rank // shards)
-        view_c = constrain(view_c, ("batch", "length", "latent_shards", "latent_shard_dim"))
-        q_lat = q_lat.reshape(*q_lat.shape[:3], shards, rank // shards)
-        mask = attention_mask(positions, segment_ids, view_pos, view_seg)
-        o_lat = latent_attention(q_lat, q_pe, view_c, entries["k_pe"].astype(self.dtype), mask, scale=scale)
-        # Each shard's partial output through its rows of W_UV; the sum over shards is the all-reduce.
-        out = jnp.einsum("bthgr,grhv->bthv", o_lat, v_up.reshape(shards, rank // shards, heads, cfg.v_head_dim))
-        return jnp.einsum("bthv,hvd->btd", out, o_proj), new_cache
+    def _entries(self, stored_c, k_pe):
+        shards = self.config.shards
+        return {"c_kv": stored_c.reshape(*stored_c.shape[:2], shards, stored_c.shape[-1] // shards), "k_pe": k_pe}
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         return latent_init_cache(self.config, batch, max_len, dtype)

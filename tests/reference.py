@@ -23,6 +23,10 @@ XLSTM_MODEL_FLOAT32_TOLERANCE = 1e-4
 # the rank-one updates token by token. Decode vs forward of the tiny gdn model, 30 seeds: median 4e-6,
 # max 1.08e-5 (seed 10; CI on 2026-11-23 also hit it).
 GATED_DELTA_MODEL_FLOAT32_TOLERANCE = 5e-5
+# bf16 decode vs forward of the tiny retnet model, relative RMS over the logits: 120 seeds median 0.1%,
+# max 0.66%; seed 1968383146 (2026-11-23) gave 4.16%, failing on main as well: a head whose GroupNorm
+# variance is near eps amplifies one bf16 rounding difference. 6e-2 keeps that outlier's class.
+RETNET_BF16_RMS_TOLERANCE = 6e-2
 MODEL_FLOAT32_TOLERANCE = {"xlstm-7-1": XLSTM_MODEL_FLOAT32_TOLERANCE, "gdn": GATED_DELTA_MODEL_FLOAT32_TOLERANCE,
                            "gdn-h1": GATED_DELTA_MODEL_FLOAT32_TOLERANCE, "gdn-h2": GATED_DELTA_MODEL_FLOAT32_TOLERANCE}
 

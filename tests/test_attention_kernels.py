@@ -1,5 +1,5 @@
-"""Pallas attention kernels against their references: MLA absorbed decode (interpret mode on CPU; the
-compiled kernel where the tests run on a GPU)."""
+"""Pallas attention kernels against their references: MLA absorbed decode, TPLA decode under a mesh, flash
+attention forward and backward (interpret mode on CPU; the compiled kernels where the tests run on a GPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 
 from inputs import impl_for
 from reference import TOLERANCE, relative_error
-from zoo.pallas_kernels.mla_decode import mla_decode
+from zoo.pallas_kernels.flash_attention import flash_attention
+from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
+from zoo.pallas_kernels.mla_decode import latent_decode, mla_decode
 from zoo.pallas_kernels.mla_decode.ops import default_splits
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 
@@ -64,3 +66,211 @@ def test_mla_decode_rejects_a_block_triton_cannot_tile():
             jnp.ones((1,), jnp.int32))
     with pytest.raises(ValueError, match="power of two"):
         mla_decode(*args, scale=1.0, impl="interpret", platform="gpu", block=24)
+
+
+# --- flash attention -------------------------------------------------------------------------------------------
+
+FLASH_BLOCKS = (16, 16, 16, 32)  # backward key blocks longer than its query blocks: the two lists differ
+LAYOUTS = {
+    # name: (window, sink_tokens, sink_logits, MLA-style second part)
+    "causal_gqa": (None, 0, False, False),
+    "window_sinks": (11, 3, True, False),  # window crosses 16-slot blocks; sink tokens and logits together
+    "mla_parts": (None, 0, False, True),  # no-RoPE part per head + RoPE part on one shared key head
+}
+
+
+def packed_positions(rng, batch, length):
+    """Row 0 packs two documents (positions restart, segment ids differ); the last row ends in padding
+    (position -1), so padded keys and query rows with nothing visible are exercised."""
+    positions = np.tile(np.arange(length), (batch, 1))
+    segments = np.ones((batch, length), np.int64)
+    split = int(rng.integers(length // 4, 3 * length // 4))
+    positions[0, split:] = np.arange(length - split)
+    segments[0, split:] = 2
+    pad = int(rng.integers(1, 6))
+    positions[-1, length - pad:], segments[-1, length - pad:] = -1, 0
+    return jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
+
+
+def flash_inputs(rng, layout, dtype):
+    batch, heads, kv_heads = 2, 4, int(rng.choice([1, 2]))
+    length, dim, dim_v = int(rng.integers(37, 71)), int(rng.choice([24, 32])), int(rng.choice([16, 20]))
+    window, sink_tokens, sink_logits, mla = LAYOUTS[layout]
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
+
+    qs, ks = [normal(batch, length, heads, dim)], [normal(batch, length, kv_heads, dim)]
+    if mla:
+        qs.append(normal(batch, length, heads, 8))
+        ks.append(normal(batch, length, 1, 8))
+    inputs = dict(q=tuple(qs), k=tuple(ks), v=normal(batch, length, kv_heads, dim_v),
+                  sink_logits=normal(heads).astype(jnp.float32) if sink_logits else None)
+    options = dict(scale=float(rng.uniform(0.1, 0.4)), window=window, sink_tokens=sink_tokens)
+    return inputs, options, packed_positions(rng, batch, length)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flash_attention_matches_reference(rng, layout, dtype):
+    """Forward and the gradients of every differentiable input (q and k parts, v, sink logits) against the
+    dense masked softmax of zoo.layers.attention, on random lengths that are not multiples of the blocks,
+    packed documents, padding, grouped heads, windows crossing blocks."""
+    inputs, options, (positions, segments) = flash_inputs(rng, layout, dtype)
+    names = [name for name in inputs if inputs[name] is not None]
+    weights = jnp.asarray(rng.normal(size=(*inputs["q"][0].shape[:3], inputs["v"].shape[-1])), jnp.float32)
+    real_rows = (positions >= 0)[:, :, None, None]  # padding rows: the kernel gives 0, the dense softmax a mean
+
+    def loss_and_grads(attend, inputs):
+        def loss(*args):
+            out = attend(**dict(zip(names, args)), **{n: None for n in inputs if n not in names})
+            return jnp.sum(jnp.where(real_rows, out.astype(jnp.float32), 0.0) * weights), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=range(len(names)), has_aux=True)(*(inputs[n] for n in names))
+        return jnp.where(real_rows, out.astype(jnp.float32), 0.0), grads
+
+    def kernel(q, k, v, sink_logits):
+        return flash_attention(q, k, v, positions, segments, positions, segments, sink_logits=sink_logits,
+                               impl=impl_for("gpu"), platform="gpu", blocks=FLASH_BLOCKS, **options)
+
+    def dense(q, k, v, sink_logits):
+        return flash_attention_reference(q, k, v, positions, segments, positions, segments, sink_logits=sink_logits,
+                                         **options)
+
+    out, grads = jax.jit(lambda i: loss_and_grads(kernel, i))(inputs)
+    upcast = jax.tree.map(lambda a: a.astype(jnp.float32), inputs)
+    with jax.default_matmul_precision("float32"):
+        expected, expected_grads = jax.jit(lambda i: loss_and_grads(dense, i))(upcast)
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    for name, got, want in zip(names, grads, expected_grads):
+        for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert got_part.dtype == jnp.dtype(dtype) or name == "sink_logits"
+            assert relative_error(got_part, want_part) < TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("window, sink_tokens", [(None, 0), (20, 0), (20, 5)])
+def test_flash_block_lists_cover_every_visible_pair_and_skip_the_rest(rng, window, sink_tokens):
+    """The key blocks each query block visits (and the transposed lists) include every block pair with a
+    visible element, checked element by element with tests/reference.visible; and with one document per
+    row they are exactly those pairs (nothing computed in vain)."""
+    from reference import visible
+
+    from zoo.pallas_kernels.flash_attention.ops import _Static, block_lists
+
+    length, block = 96, 16
+    positions, segments = packed_positions(rng, 2, length)
+    static = _Static(1.0, window, sink_tokens, False, (block,) * 4, True)
+    (q_counts, q_lists), (k_counts, k_lists) = block_lists(static, positions, segments, positions, segments, block, block)
+    blocks = length // block
+    for b in range(2):
+        pos, seg = np.asarray(positions[b]), np.asarray(segments[b])
+        needed = np.zeros((blocks, blocks), bool)
+        for t in range(length):
+            for s in range(length):
+                needed[t // block, s // block] |= visible(pos[t], seg[t], pos[s], seg[s], window, sink_tokens)
+        visits = np.zeros_like(needed)
+        for i in range(blocks):
+            visits[i, np.asarray(q_lists[b, i, :q_counts[b, i]])] = True
+            assert list(q_lists[b, i, :q_counts[b, i]]) == sorted(q_lists[b, i, :q_counts[b, i]])
+        transposed = np.zeros_like(needed)
+        for j in range(blocks):
+            transposed[np.asarray(k_lists[b, j, :k_counts[b, j]]), j] = True
+        assert (visits == transposed).all() and (visits >= needed).all()
+        if b == 1:  # one document (then padding): block ranges are exact
+            assert (visits == needed).all()
+    if window is not None and sink_tokens == 0:  # a band: at most ceil(window / block) + 1 key blocks
+        assert int(q_counts[1].max()) <= -(-window // block) + 1
+
+
+def test_flash_attention_rejects_bad_shapes_and_tiles():
+    q, k = jnp.zeros((1, 32, 4, 16)), jnp.zeros((1, 32, 3, 16))
+    pos = jnp.zeros((1, 32), jnp.int32)
+    with pytest.raises(ValueError, match="KV_i dividing H"):
+        flash_attention(q, k, k, pos, pos, pos, pos, scale=1.0)
+    with pytest.raises(ValueError, match="powers of two"):
+        flash_attention(q, q, q, pos, pos, pos, pos, scale=1.0, impl="interpret", platform="gpu", blocks=(16, 24, 16, 16))
+    with pytest.raises(NotImplementedError, match="TPU"):
+        flash_attention(q, q, q, pos, pos, pos, pos, scale=1.0, impl="pallas", platform="tpu")
+
+
+def test_mla_decode_reads_unsplit_tails_and_clips_lengths(rng):
+    """A cache whose slots are a multiple of the block but not of block x splits (the last split is short),
+    and lengths outside [1, S]: 0 gives a zero row, more than S is S."""
+    batch, heads, rank, rope, slots = 3, 2, 16, 16, 5 * BLOCK
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
+        normal(batch, slots, rope)
+    lengths = jnp.asarray([0, slots + 7, 3 * BLOCK + 5], jnp.int32)
+    out = mla_decode(q_lat, q_pe, c, k_pe, lengths, scale=0.2, impl=impl_for("gpu"), platform="gpu", block=BLOCK,
+                     splits=2)
+    with jax.default_matmul_precision("float32"):
+        expected = mla_decode_reference(q_lat, q_pe, c, k_pe, jnp.clip(lengths, 0, slots), scale=0.2)
+    assert float(jnp.max(jnp.abs(out[0]))) == 0.0
+    assert relative_error(out[1:], expected[1:]) < TOLERANCE["float32"]
+
+
+def test_tpla_decode_under_a_mesh_equals_one_device(rng):
+    """latent_decode with 4 latent shards on 8 fake CPU devices (data=2, tensor=4: each device one shard of
+    the latent, the psum over "tensor" the all-reduce) equals the single-device call, with the kernel."""
+    from zoo.train.mesh import make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (the CPU run fakes them; a one-GPU run has one)")
+    batch, heads, shards, rank, rope, slots, dim_v = 4, 2, 4, 16, 16, 3 * BLOCK, 8
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    args = (normal(batch, heads, shards, rank), normal(batch, heads, rope), normal(batch, slots, shards, rank),
+            normal(batch, slots, rope), jnp.asarray(rng.integers(1, slots + 1, batch), jnp.int32),
+            normal(shards, rank, heads, dim_v))
+    run = jax.jit(lambda *a: latent_decode(*a, scale=0.2, impl=impl_for("gpu"), platform="gpu", block=BLOCK))
+    single = run(*args)
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 1, "tensor": 4})):
+        sharded = run(*args)
+    assert relative_error(sharded, single) < TOLERANCE["float32"]
+    q_lat, q_pe, c, k_pe, lengths, v_up = args
+    with jax.default_matmul_precision("float32"):
+        per_shard = sum(jnp.einsum("bhr,rhv->bhv", mla_decode_reference(q_lat[:, :, g], q_pe, c[:, :, g], k_pe, lengths,
+                                                                       scale=0.2), v_up[g]) for g in range(shards))
+    assert relative_error(single, per_shard) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("mixer", ["attention", "mla"])
+def test_layers_with_the_flash_kernel_match_their_xla_form(rng, mixer):
+    """The Attention layer (grouped heads, window 8 with 2 sink tokens and sink logits) and the MLA layer
+    (expanded prefill: two score parts) with impl=the kernel equal impl="xla": outputs and parameter
+    gradients, float32, packed documents; then the same through a cache in chunks (prefill over the cache's
+    view, then single-token decode) against the layer's forward."""
+    import dataclasses
+
+    from inputs import decode_in_chunks, init, packed_batch, randomize
+    from zoo.layers.attention import Attention, AttentionConfig
+    from zoo.layers.mla import MLA, MLAConfig
+
+    d_model = 32
+    if mixer == "attention":
+        config = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, window=8, sink_tokens=2, sink_logits=True)
+        build = lambda cfg: Attention(cfg, d_model)  # noqa: E731
+    else:
+        config = MLAConfig(num_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        build = lambda cfg: MLA(cfg, d_model)  # noqa: E731
+    x, positions, segments = packed_batch(rng, 2, 29, d_model)
+    kernel, xla = build(dataclasses.replace(config, impl=impl_for("gpu"))), build(dataclasses.replace(config, impl="xla"))
+    params = randomize(init(xla, x, positions, segments), rng)
+    weights = jnp.asarray(rng.normal(size=(2, 29, d_model)), jnp.float32)
+
+    def loss(module):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(module.apply({"params": p}, jnp.asarray(x), positions=positions,
+                                                                          segment_ids=segments)[0] * weights)))
+
+    (value, grads), (expected_value, expected_grads) = loss(kernel)(params), loss(xla)(params)
+    assert abs(float(value - expected_value)) <= TOLERANCE["float32"] * abs(float(expected_value)) + 1e-5
+    for name in expected_grads:
+        assert relative_error(grads[name], expected_grads[name]) < TOLERANCE["float32"], name
+    full = xla.apply({"params": params}, jnp.asarray(x), positions=positions, segment_ids=segments)[0]
+    chunked, _ = decode_in_chunks(kernel, params, x, positions, segments, [11, 1, 1, 16], 32)
+    assert relative_error(chunked, full) < TOLERANCE["float32"]

@@ -9,7 +9,7 @@ import pytest
 import reference
 from inputs import decode_in_chunks, decode_on_mesh, forward, init, packed_batch, single_document
 from zoo.errors import ConfigError
-from zoo.layers.mla import MLA, MLAConfig, TPLAConfig, hadamard_matrix, pca_transform
+from zoo.layers.mla import CACHE_BLOCK, MLA, MLAConfig, TPLAConfig, hadamard_matrix, pca_transform
 from zoo.model import cache_bytes
 
 D_MODEL = 32
@@ -142,7 +142,8 @@ def test_tpla_under_mesh_shards_latent_on_tensor_axis(rng):
     rules = (("batch", "data"), ("cache_batch", "data"), ("latent_shards", "tensor"))
     sharded, cache = decode_on_mesh(tpla, params, x, positions, segments, [1] * 16, 32, rules)
     assert tuple(cache.entries["c_kv"].sharding.spec) == ("data", None, "tensor", None)
-    assert cache.entries["c_kv"].addressable_shards[0].data.shape == (1, 32, 1, BASE["kv_lora_rank"] // tp)
+    slots = -(-32 // CACHE_BLOCK) * CACHE_BLOCK  # allocated in multiples of the decode kernel's block
+    assert cache.entries["c_kv"].addressable_shards[0].data.shape == (1, slots, 1, BASE["kv_lora_rank"] // tp)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
 
 

@@ -40,7 +40,8 @@ def test_decode_matches_forward_for_every_preset(family, dtype, rng):
         # layers amplify those flips; measured, each path is as far from the float32 forward as the
         # other (xlstm-7-1-tiny: 4.8% / 4.7% RMS). So bfloat16 is checked on the RMS error, which
         # outliers among 2 x 40 x 320 logits do not decide; float32 above checks the logic to 1e-5.
-        assert reference.relative_rms_error(decoded, full) < reference.TOLERANCE[dtype]
+        limit = reference.RETNET_BF16_RMS_TOLERANCE if family == "retnet" else reference.TOLERANCE[dtype]
+        assert reference.relative_rms_error(decoded, full) < limit
 
 
 def test_model_cache_sizes_follow_the_layer_types():

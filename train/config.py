@@ -40,7 +40,7 @@ class TrainConfig:
     mesh: str = ""  # e.g. "data=2,fsdp=2,tensor=2"; "" puts every device on "data"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU / TPU, float32 on CPU; master params stay float32
     remat: str = "none"  # "dots": recompute attention scores / scan internals in the backward; "full": whole blocks
-    kernel_impl: str = "auto"  # every recurrent layer's scan: auto (Pallas on GPU/TPU), xla, pallas, interpret
+    kernel_impl: str = "auto"  # every layer's kernels (scans, flash attention): auto (Pallas on GPU/TPU), xla, ...
     log_every: int = 10
     eval_every: int = 250
     checkpoint_every: int = 500

@@ -15,7 +15,8 @@ Every product is column-separable in S's value dimension, so a V-tile of the sta
 from __future__ import annotations
 
 from zoo.pallas_kernels.ssd_scan import chunk_math as scan_math
-from zoo.pallas_kernels.ssd_scan.chunk_math import F32, Decay, decay_terms, dot, dot_nt, dot_tn
+from zoo.pallas_kernels.ssd_scan.chunk_math import Decay, decay_terms
+from zoo.pallas_kernels.tiles import F32, dot, dot_nt, dot_tn
 
 __all__ = ["Decay", "decay_terms", "dot", "dot_nt", "forward", "retreat"]
 

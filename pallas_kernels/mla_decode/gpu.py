@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from zoo.pallas_kernels.ssd_scan.chunk_math import dot, dot_nt
+from zoo.pallas_kernels.tiles import dot, dot_nt
 
 F32 = jnp.float32
 MASKED = -1e30  # finite, so a split with no valid slot gives weight exp(MASKED - max) = 0, not NaN
@@ -57,14 +57,13 @@ def _kernel(lengths_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref, *
     lse_ref[...] = jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
 
 
-def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block: int, splits: int, head_block: int,
-               interpret: bool):
-    """q_lat [B, H, R], q_pe [B, H, P], c [B, S, R], k_pe [B, S, P] (S a multiple of block * splits),
-    lengths [B] int32. Returns each split's normalised output [B, splits, H, R] and log-sum-exp
-    [B, splits, H], float32."""
+def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block: int, splits: int, split_len: int,
+               head_block: int, interpret: bool):
+    """q_lat [B, H, R], q_pe [B, H, P], c [B, S, R], k_pe [B, S, P] (S a multiple of block), lengths [B] int32
+    in [0, S]; split s covers slots [s * split_len, (s + 1) * split_len) (split_len a multiple of block).
+    Returns each split's normalised output [B, splits, H, R] and log-sum-exp [B, splits, H], float32."""
     batch, heads, rank = q_lat.shape
     slots, rope = c.shape[1], q_pe.shape[-1]
-    split_len = slots // splits
     per_head_block = lambda width: pl.BlockSpec((None, head_block, width), lambda h, b, s: (b, h, 0))  # noqa: E731
     whole_row = lambda width: pl.BlockSpec((None, slots, width), lambda h, b, s: (b, 0, 0))  # noqa: E731
     return pl.pallas_call(

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from zoo.pallas_kernels.tiles import dot, dot_nt, dot_tn
 
 
 class Decay(NamedTuple):
@@ -49,26 +49,6 @@ def decay_terms(cum_col, cum_row, seg_col, seg_row, segprev_row) -> Decay:
     to_end = jnp.where(seg_col == seg_last, jnp.exp(g_last - cum_col), 0.0)
     survive = jnp.where(seg_last == seg_before, jnp.exp(g_last), 0.0)
     return Decay(within, read, to_end, survive)
-
-
-def _dot_general(a, b, contract):
-    # float32 operands stay float32 (not TF32) so the float32 kernels match the reference to 1e-5.
-    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32)
-
-
-def dot(a, b):
-    return _dot_general(a, b, ((1,), (0,)))
-
-
-def dot_nt(a, b):
-    """a @ b^T."""
-    return _dot_general(a, b, ((1,), (1,)))
-
-
-def dot_tn(a, b):
-    """a^T @ b."""
-    return _dot_general(a, b, ((0,), (0,)))
 
 
 def output(q, k, v, d: Decay, state):

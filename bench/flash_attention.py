@@ -1,0 +1,181 @@
+"""Flash attention (zoo.pallas_kernels.flash_attention) on one GPU against cuDNN through JAX
+(jax.nn.dot_product_attention, implementation="cudnn") and torch SDPA, forward and forward+backward.
+
+    python bench/flash_attention.py --out results.jsonl            # GQA/MHA causal, full and windowed; MLA prefill
+    python bench/flash_attention.py --sweep                        # tiles and warps at one shape
+
+Shapes: B 8, T 4096, 16 heads, head dim 128, bf16, causal; windows: none (full causal) and T/8. cuDNN takes the
+window as local_window_size=(window - 1, 0). torch SDPA runs its flash backend for full causal (is_causal) and,
+for a window, a boolean mask (SDPA has no window argument; the mask sends it to the memory-efficient
+backend). MLA prefill: q/k 128 no-RoPE + 64 RoPE features (one shared RoPE key), v 128, against cuDNN and SDPA
+on the same scores with the RoPE key broadcast to every head and q/k concatenated to 192. Timing: two untimed
+calls, then the median of `--repeats` groups of 10 calls. Forward+backward = gradients of sum(o * w).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scan_kernels import time_jax, time_torch  # noqa: E402
+from zoo.pallas_kernels.flash_attention import flash_attention, gpu  # noqa: E402
+
+
+def jax_inputs(batch, length, heads, dims, dim_v, kv_heads, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2 * len(dims) + 2)
+    qs = tuple(jax.random.normal(keys[i], (batch, length, heads, d), jnp.bfloat16) for i, d in enumerate(dims))
+    ks = tuple(jax.random.normal(keys[len(dims) + i], (batch, length, kv, d), jnp.bfloat16)
+               for i, (d, kv) in enumerate(zip(dims, kv_heads)))
+    v = jax.random.normal(keys[-2], (batch, length, kv_heads[0], dim_v), jnp.bfloat16)
+    w = jax.random.normal(keys[-1], (batch, length, heads, dim_v), jnp.bfloat16)
+    return qs, ks, v, w
+
+
+def zoo_fns(length, batch, window, scale, blocks=None):
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    segments = jnp.ones((batch, length), jnp.int32)
+
+    def forward(qs, ks, v):
+        return flash_attention(qs, ks, v, positions, segments, positions, segments, scale=scale, window=window,
+                               impl="pallas", blocks=blocks)
+
+    def loss(qs, ks, v, w):
+        return jnp.sum(forward(qs, ks, v).astype(jnp.float32) * w)
+
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def cudnn_fns(window, scale):
+    local = None if window is None else (window - 1, 0)
+
+    def forward(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                            implementation="cudnn")
+
+    def loss(q, k, v, w):
+        return jnp.sum(forward(q, k, v).astype(jnp.float32) * w)
+
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def torch_fns(q, k, v, w, window, scale):
+    """q, k, v, w as bf16 numpy-convertible [B, T, H, D] arrays; SDPA wants [B, H, T, D]."""
+    import torch
+    import torch.nn.functional as F
+
+    to = lambda a: torch.from_numpy(np.asarray(a.astype(jnp.float32))).to("cuda", torch.bfloat16).transpose(1, 2)  # noqa: E731
+    q, k, v, w = (to(a).contiguous().requires_grad_(i < 3) for i, a in enumerate((q, k, v, w)))
+    length = q.shape[2]
+    mask = None
+    if window is not None:
+        i = torch.arange(length, device="cuda")
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    enable_gqa = k.shape[1] != q.shape[1]
+
+    def forward():
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+    def forward_backward():
+        q.grad = k.grad = v.grad = None
+        (forward().float() * w).sum().backward()
+
+    return forward, forward_backward
+
+
+def attention_flops(batch, length, heads, dim_qk, dim_v, window):
+    visible = length * (length + 1) / 2 if window is None else window * length - window * (window - 1) / 2
+    return 2 * batch * heads * visible * (dim_qk + dim_v)
+
+
+def measure(case, repeats, peers=True):
+    batch, length, heads, kv_heads = case["batch"], case["length"], case["heads"], case["kv_heads"]
+    dims, dim_v, window = case["dims"], case["dim_v"], case["window"]
+    scale = sum(dims) ** -0.5
+    shared_rope = len(dims) == 2
+    qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
+    forward, grad = zoo_fns(length, batch, window, scale, case.get("blocks"))
+    flops = attention_flops(batch, length, heads, sum(dims), dim_v, window)
+    record = {**{k: v_ for k, v_ in case.items() if k != "blocks"}, "dtype": "bfloat16",
+              "blocks": list(case.get("blocks") or (gpu.BLOCK_Q, gpu.BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)),
+              "warps": [gpu.WARPS, gpu.BACKWARD_WARPS], "stages": gpu.STAGES}
+    record["zoo_fwd_ms"] = 1e3 * time_jax(forward, qs, ks, v, repeats=repeats)
+    record["zoo_fwdbwd_ms"] = 1e3 * time_jax(grad, qs, ks, v, w, repeats=repeats)
+    record["zoo_fwd_TFLOPs"] = flops / record["zoo_fwd_ms"] / 1e9
+    if not peers:
+        return record
+    # The peers see one head dimension: the RoPE key broadcast to every head, the parts concatenated.
+    q = jnp.concatenate(qs, axis=-1)
+    k = jnp.concatenate([jnp.broadcast_to(x, (*x.shape[:2], kv_heads, x.shape[-1])) for x in ks], axis=-1)
+    ours = forward(qs, ks, v).astype(jnp.float32)
+    try:
+        c_forward, c_grad = cudnn_fns(window, scale)
+        record["cudnn_fwd_ms"] = 1e3 * time_jax(c_forward, q, k, v, repeats=repeats)
+        record["cudnn_fwdbwd_ms"] = 1e3 * time_jax(c_grad, q, k, v, w, repeats=repeats)
+        theirs = c_forward(q, k, v).astype(jnp.float32)
+        record["err_vs_cudnn"] = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
+    except Exception as error:  # noqa: BLE001 - a shape cuDNN refuses is reported, not fatal
+        record["cudnn_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    try:
+        t_forward, t_forward_backward = torch_fns(q, k, v, w, window, scale)
+        record["torch_sdpa_fwd_ms"] = 1e3 * time_torch(t_forward, repeats)
+        record["torch_sdpa_fwdbwd_ms"] = 1e3 * time_torch(t_forward_backward, repeats)
+    except Exception as error:  # noqa: BLE001
+        record["torch_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="the sweep without the peer comparison")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = jax.devices()[0].device_kind
+    length, batch = args.length, args.batch
+    base = dict(batch=batch, length=length, heads=16, kv_heads=16, dims=(128,), dim_v=128, window=None)
+    records = []
+
+    def emit(record):
+        record["device"] = device
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    if args.sweep or args.sweep_only:
+        defaults = gpu.WARPS, gpu.BACKWARD_WARPS, gpu.STAGES
+        for warps, stages, blocks in [(4, 2, (128, 64, 64, 64)), (8, 2, (128, 64, 64, 64)), (8, 3, (128, 64, 64, 64)),
+                                      (4, 3, (128, 64, 64, 64)), (8, 2, (128, 128, 64, 128)), (8, 3, (128, 128, 128, 64)),
+                                      (4, 2, (64, 64, 32, 64)), (4, 3, (64, 32, 64, 32)), (8, 2, (64, 128, 128, 32))]:
+            gpu.WARPS = gpu.BACKWARD_WARPS = warps
+            gpu.STAGES = stages
+            try:
+                emit(measure({**base, "blocks": blocks}, args.repeats, peers=False))
+            except Exception as error:  # noqa: BLE001 - a tile Triton cannot compile is reported
+                print(f"warps {warps} stages {stages} blocks {blocks}: {type(error).__name__}: {str(error)[:200]}",
+                      flush=True)
+        gpu.WARPS, gpu.BACKWARD_WARPS, gpu.STAGES = defaults
+    if args.sweep_only:
+        cases = []
+    else:
+        cases = [base, {**base, "window": length // 8}, {**base, "kv_heads": 4}, {**base, "kv_heads": 4, "window": length // 8},
+                 {**base, "dims": (128, 64)}]  # the last: MLA prefill, 128 + 64 RoPE (shared key), v 128
+    for case in cases:
+        emit(measure(case, args.repeats))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+if __name__ == "__main__":
+    main()

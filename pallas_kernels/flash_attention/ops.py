@@ -1,0 +1,187 @@
+"""flash_attention: softmax attention for training and prefill with Pallas forward and backward kernels.
+
+    o[b, t, h] = sum_s softmax_s(scale * sum_i q_i[b, t, h] . k_i[b, s, h_i] (+ sink_h)) v[b, s, h_v]
+
+over the keys masking.visible admits (causal by position, same document, sliding window with sink tokens).
+q and k are one array each or matching tuples of parts (MLA: no-RoPE and RoPE features, the RoPE key
+shared by all heads); every part's and v's head count divides the query heads (GQA). sink_logits [H]:
+gpt-oss-style learned sinks, a zero-valued entry in each row's softmax.
+
+GPUs: gpu.py. Elsewhere impl="auto" runs the XLA reference; TPUs have no Mosaic kernel yet (impl="pallas"
+there says so). Under a mesh the kernels run per shard (dispatch.per_shard).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from zoo.pallas_kernels import dispatch
+from zoo.pallas_kernels.flash_attention import gpu
+from zoo.pallas_kernels.flash_attention.masking import may_see
+from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
+
+_FAR = 2**30  # beyond any position or segment id
+
+
+class _Static(NamedTuple):
+    scale: float
+    window: int | None
+    sink_tokens: int
+    has_sink: bool
+    blocks: tuple[int, int, int, int]  # forward (q, k), backward (q, k)
+    interpret: bool
+
+
+def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *, scale: float,
+                    window: int | None = None, sink_tokens: int = 0, sink_logits=None, impl: str = "auto",
+                    platform: str | None = None, blocks: tuple[int, int, int, int] | None = None):
+    """q [B, T, H, D] (or a tuple of parts), k [B, S, KV, D] (or matching parts [B, S, KV_i, D_i]),
+    v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
+    [B, T, H, Dv] in v's dtype. blocks: (forward q, forward k, backward q, backward k) tile lengths, powers
+    of two >= 16 (default: gpu.py's tuned values)."""
+    qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
+    _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be a positive length or None, got {window}")
+    backend = dispatch.resolve(impl, platform)
+    if backend.kind == "tpu" and impl != "auto":
+        raise NotImplementedError("flash_attention has no Mosaic (TPU) kernel yet: use impl='xla' or 'auto' on TPUs")
+    if backend.kind != "gpu":
+        return flash_attention_reference(qs, ks, v, q_positions, q_segments, k_positions, k_segments, scale=scale,
+                                         window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
+    blocks = blocks or (gpu.BLOCK_Q, gpu.BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)
+    if any(b < 16 or b & (b - 1) for b in blocks):
+        raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
+    heads = qs[0].shape[2]
+    has_sink = sink_logits is not None
+    sinks = (sink_logits if has_sink else jnp.zeros((heads,))).astype(jnp.float32)
+    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), backend.interpret)
+    ints = [x.astype(jnp.int32) for x in (q_positions, q_segments, k_positions, k_segments)]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _attention(static, qs, ks, v, sinks, *ints)
+    # XLA cannot partition a Pallas call: run per shard, every head-carrying input repeated to the query
+    # heads so that all of them split the same way (autodiff of the repeat sums their gradients back).
+    ks, v = tuple(jnp.repeat(x, heads // x.shape[2], axis=2) for x in ks), jnp.repeat(v, heads // v.shape[2], axis=2)
+    parts = len(qs)
+    shard = dispatch.per_shard(
+        lambda qs, ks, v, sinks, *ints: (_attention(static, qs, ks, v, sinks, *ints),), mesh, qs[0].shape,
+        ((("b.h.",) * parts), ("b.h.",) * parts, "b.h.", "h", "b.", "b.", "b.", "b."), ("b.h.",))
+    return shard(qs, ks, v, sinks, *ints)[0]
+
+
+def _check_shapes(qs, ks, v, q_pos, q_seg, k_pos, k_seg, sink_logits):
+    batch, length, heads = qs[0].shape[:3]
+    slots = v.shape[1]
+    ok = len(qs) == len(ks) and v.shape[0] == batch and heads % v.shape[2] == 0
+    ok &= all(q.shape[:3] == (batch, length, heads) and k.shape[:2] == (batch, slots) and k.shape[-1] == q.shape[-1]
+              and heads % k.shape[2] == 0 for q, k in zip(qs, ks))
+    ok &= q_pos.shape == q_seg.shape == (batch, length) and k_pos.shape == k_seg.shape == (batch, slots)
+    ok &= sink_logits is None or sink_logits.shape == (heads,)
+    if not ok:
+        raise ValueError(
+            "flash_attention needs q parts [B, T, H, D_i], k parts [B, S, KV_i, D_i] (KV_i dividing H), v [B, S, KV, "
+            "Dv], positions and segments [B, T] / [B, S], sink_logits [H]; got q "
+            f"{[q.shape for q in qs]}, k {[k.shape for k in ks]}, v {v.shape}, positions {q_pos.shape} / {k_pos.shape}, "
+            f"segments {q_seg.shape} / {k_seg.shape}, sinks {None if sink_logits is None else sink_logits.shape}")
+
+
+def _tile_width(n: int) -> int:
+    return 1 << max(n - 1, 15).bit_length()
+
+
+def _pad(x, axis, size, value=0):
+    return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)], constant_values=value)
+
+
+def _block_ranges(positions, segments, block):
+    """Each block's (min, max) position and segment id over its real tokens ([B, n] each)."""
+    batch = positions.shape[0]
+    pos, seg = positions.reshape(batch, -1, block), segments.reshape(batch, -1, block)
+    real = pos >= 0
+    lowest = lambda x: jnp.min(jnp.where(real, x, _FAR), axis=-1)  # noqa: E731
+    highest = lambda x: jnp.max(jnp.where(real, x, -_FAR), axis=-1)  # noqa: E731
+    return (lowest(pos), highest(pos)), (lowest(seg), highest(seg))
+
+
+def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
+    """visits [B, nq, nk] (which key blocks each query block may see); per query block the count and the
+    list of those key blocks (ascending, padded to a power of two), and the same per key block."""
+    (qp, qs), (kp, ks) = _block_ranges(q_pos, q_seg, block_q), _block_ranges(k_pos, k_seg, block_k)
+    expand_q = lambda pair: tuple(x[:, :, None] for x in pair)  # noqa: E731
+    expand_k = lambda pair: tuple(x[:, None, :] for x in pair)  # noqa: E731
+    visits = may_see(expand_q(qp), expand_q(qs), expand_k(kp), expand_k(ks), window=static.window,
+                     sink_tokens=static.sink_tokens)
+
+    def compact(mask):  # the True columns' indices first, in order
+        width = _tile_width(mask.shape[-1])
+        mask = _pad(mask, 2, width, False)
+        return jnp.sum(mask, axis=-1, dtype=jnp.int32), jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+
+    return compact(visits), compact(jnp.swapaxes(visits, 1, 2))
+
+
+def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
+    """Pad lengths to the blocks (padding tokens get position -1: nothing sees them, they see nothing) and
+    features to Triton's power-of-two tiles."""
+    block_t = max(static.blocks[0], static.blocks[2])
+    block_s = max(static.blocks[1], static.blocks[3])
+    length = -(-qs[0].shape[1] // block_t) * block_t
+    slots = -(-v.shape[1] // block_s) * block_s
+    qs = tuple(_pad(_pad(q, 1, length), 3, _tile_width(q.shape[-1])) for q in qs)
+    ks = tuple(_pad(_pad(k, 1, slots), 3, _tile_width(k.shape[-1])) for k in ks)
+    v = _pad(_pad(v, 1, slots), 3, _tile_width(v.shape[-1]))
+    q_pos, k_pos = _pad(q_pos, 1, length, -1), _pad(k_pos, 1, slots, -1)
+    q_seg, k_seg = _pad(q_seg, 1, length, -1), _pad(k_seg, 1, slots, -1)
+    return qs, ks, v, q_pos, q_seg, k_pos, k_seg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(static: _Static, qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg):
+    return _attention_forward(static, qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg)[0]
+
+
+def _kernel_args(static):
+    return dict(scale=static.scale, window=static.window, sink_tokens=static.sink_tokens, interpret=static.interpret)
+
+
+def _attention_forward(static, qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg):
+    length, dv = qs[0].shape[1], v.shape[-1]
+    padded = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
+    pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = padded
+    (counts, lists), _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[:2])
+    o, lse = gpu.forward(pqs, pks, pv, sinks, pq_pos, pq_seg, pk_pos, pk_seg, counts, lists, has_sink=static.has_sink,
+                         block_q=static.blocks[0], block_k=static.blocks[1], **_kernel_args(static))
+    return o[:, :length, :, :dv], (qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse)
+
+
+def _attention_backward(static, residuals, do):
+    qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse = residuals
+    batch, length, heads, _ = qs[0].shape
+    slots = v.shape[1]
+    pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
+    do = _pad(_pad(do.astype(pv.dtype), 1, o.shape[1]), 3, o.shape[-1])
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+    (q_counts, q_lists), (k_counts, k_lists) = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
+    dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_counts, q_lists,
+                                k_counts, k_lists, block_q=static.blocks[2], block_k=static.blocks[3],
+                                **_kernel_args(static))
+
+    def per_key_head(grad, like):  # [B, S', H, D'] per query head -> like's heads, length and width
+        kv_heads = like.shape[2]
+        grad = grad[:, :slots, :, :like.shape[-1]].reshape(batch, slots, kv_heads, heads // kv_heads, like.shape[-1])
+        return grad.sum(axis=3).astype(like.dtype)
+
+    dqs = tuple(dq[:, :length, :, :q.shape[-1]] for dq, q in zip(dqs, qs))
+    dks = tuple(per_key_head(dk, k) for dk, k in zip(dks, ks))
+    # A sink is a zero-valued key: its score's gradient is its probability exp(sink - lse) times (0 - delta).
+    sink_probs = jnp.where((pq_pos >= 0)[:, None, :], jnp.exp(sinks[None, :, None] - lse), 0.0)
+    dsinks = -jnp.sum(sink_probs * delta, axis=(0, 2)) if static.has_sink else jnp.zeros_like(sinks)
+    return dqs, dks, per_key_head(dv, v), dsinks, None, None, None, None
+
+
+_attention.defvjp(_attention_forward, _attention_backward)

@@ -1,0 +1,29 @@
+"""Matmuls on kernel tiles, shared by every Pallas kernel (Triton and Mosaic lower them alike): inputs keep
+their dtype (bf16 on the fast paths), products accumulate in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def _dot_general(a, b, contract):
+    # float32 operands stay float32 (not TF32) so the float32 kernels match the references to 1e-5.
+    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def dot(a, b):
+    return _dot_general(a, b, ((1,), (0,)))
+
+
+def dot_nt(a, b):
+    """a @ b^T."""
+    return _dot_general(a, b, ((1,), (1,)))
+
+
+def dot_tn(a, b):
+    """a^T @ b."""
+    return _dot_general(a, b, ((0,), (0,)))
