@@ -68,10 +68,13 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     # heads so that all of them split the same way (autodiff of the repeat sums their gradients back).
     ks, v = tuple(jnp.repeat(x, heads // x.shape[2], axis=2) for x in ks), jnp.repeat(v, heads // v.shape[2], axis=2)
     parts = len(qs)
-    shard = dispatch.per_shard(
-        lambda qs, ks, v, sinks, *ints: (_attention(static, qs, ks, v, sinks, *ints),), mesh, qs[0].shape,
-        ((("b.h.",) * parts), ("b.h.",) * parts, "b.h.", "h", "b.", "b.", "b.", "b."), ("b.h.",))
-    return shard(qs, ks, v, sinks, *ints)[0]
+
+    def attend(*arrays):  # flat arguments: per_shard gives each one layout
+        return (_attention(static, arrays[:parts], arrays[parts:2 * parts], *arrays[2 * parts:]),)
+
+    shard = dispatch.per_shard(attend, mesh, qs[0].shape, ("b.h.",) * (2 * parts) + ("b.h.", "h", "b.", "b.", "b.", "b."),
+                               ("b.h.",))
+    return shard(*qs, *ks, v, sinks, *ints)[0]
 
 
 def _check_shapes(qs, ks, v, q_pos, q_seg, k_pos, k_seg, sink_logits):
