@@ -27,3 +27,9 @@ def dot_nt(a, b):
 def dot_tn(a, b):
     """a^T @ b."""
     return _dot_general(a, b, ((0,), (0,)))
+
+
+def triton_width(n: int) -> int:
+    """The tile width Triton needs for n features or rows: a power of two of at least 16 (its bf16 matmuls
+    need K >= 16; with K = 8 the compiled MLA decode kernel returned wrong scores on the H100)."""
+    return 1 << max(n - 1, 15).bit_length()

@@ -23,6 +23,7 @@ from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.flash_attention import gpu
 from zoo.pallas_kernels.flash_attention.masking import may_see
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
+from zoo.pallas_kernels.tiles import triton_width
 
 _FAR = 2**30  # beyond any position or segment id
 
@@ -93,10 +94,6 @@ def _check_shapes(qs, ks, v, q_pos, q_seg, k_pos, k_seg, sink_logits):
             f"segments {q_seg.shape} / {k_seg.shape}, sinks {None if sink_logits is None else sink_logits.shape}")
 
 
-def _tile_width(n: int) -> int:
-    return 1 << max(n - 1, 15).bit_length()
-
-
 def _pad(x, axis, size, value=0):
     return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)], constant_values=value)
 
@@ -121,7 +118,7 @@ def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
                      sink_tokens=static.sink_tokens)
 
     def compact(mask):  # the True columns' indices first, in order
-        width = _tile_width(mask.shape[-1])
+        width = triton_width(mask.shape[-1])
         mask = _pad(mask, 2, width, False)
         return jnp.sum(mask, axis=-1, dtype=jnp.int32), jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
 
@@ -135,9 +132,9 @@ def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
     block_s = max(static.blocks[1], static.blocks[3])
     length = -(-qs[0].shape[1] // block_t) * block_t
     slots = -(-v.shape[1] // block_s) * block_s
-    qs = tuple(_pad(_pad(q, 1, length), 3, _tile_width(q.shape[-1])) for q in qs)
-    ks = tuple(_pad(_pad(k, 1, slots), 3, _tile_width(k.shape[-1])) for k in ks)
-    v = _pad(_pad(v, 1, slots), 3, _tile_width(v.shape[-1]))
+    qs = tuple(_pad(_pad(q, 1, length), 3, triton_width(q.shape[-1])) for q in qs)
+    ks = tuple(_pad(_pad(k, 1, slots), 3, triton_width(k.shape[-1])) for k in ks)
+    v = _pad(_pad(v, 1, slots), 3, triton_width(v.shape[-1]))
     q_pos, k_pos = _pad(q_pos, 1, length, -1), _pad(k_pos, 1, slots, -1)
     q_seg, k_seg = _pad(q_seg, 1, length, -1), _pad(k_seg, 1, slots, -1)
     return qs, ks, v, q_pos, q_seg, k_pos, k_seg

@@ -21,13 +21,8 @@ from jax.sharding import PartitionSpec as P
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.mla_decode import gpu
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
+from zoo.pallas_kernels.tiles import triton_width
 from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
-
-
-def _tile_width(n: int) -> int:
-    """A power of two of at least 16: Triton's bf16 matmuls need K >= 16 (with K = 8 the compiled kernel
-    returned wrong scores on the H100)."""
-    return 1 << max(n - 1, 15).bit_length()
 
 
 def default_splits(batch: int, slots: int, block: int, target_programs: int = 264) -> int:
@@ -64,15 +59,15 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, impl: str = "auto
     blocks = -(-slots // block)
     split_len = -(-blocks // (splits or default_splits(batch, slots, block))) * block
     splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
-    head_block = min(_tile_width(heads), head_block)  # Triton's matmuls need >= 16 rows
+    head_block = min(triton_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
     padded_slots = blocks * block
     pad = lambda x, axis, size: jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)])  # noqa: E731
     dtype = c.dtype
-    q_lat = pad(pad(q_lat.astype(dtype), 1, padded_heads), 2, _tile_width(rank))
-    q_pe = pad(pad(q_pe.astype(dtype), 1, padded_heads), 2, _tile_width(rope))
-    c = pad(pad(c, 1, padded_slots), 2, _tile_width(rank))
-    k_pe = pad(pad(k_pe.astype(dtype), 1, padded_slots), 2, _tile_width(rope))
+    q_lat = pad(pad(q_lat.astype(dtype), 1, padded_heads), 2, triton_width(rank))
+    q_pe = pad(pad(q_pe.astype(dtype), 1, padded_heads), 2, triton_width(rope))
+    c = pad(pad(c, 1, padded_slots), 2, triton_width(rank))
+    k_pe = pad(pad(k_pe.astype(dtype), 1, padded_slots), 2, triton_width(rope))
     partial, lse = gpu.mla_decode(q_lat, q_pe, c, k_pe, lengths, scale=scale, block=block, splits=splits,
                                   split_len=split_len, head_block=head_block, interpret=backend.interpret)
     weights = jax.nn.softmax(lse, axis=1)  # [B, splits, H]: each split's share of the softmax mass

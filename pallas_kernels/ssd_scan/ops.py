@@ -20,6 +20,7 @@ from zoo.layers.recurrent import NO_SEGMENT, continues
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.ssd_scan import gpu, tpu
 from zoo.pallas_kernels.ssd_scan.reference import ssd_scan_reference
+from zoo.pallas_kernels.tiles import triton_width
 
 KERNELS = {"gpu": gpu, "tpu": tpu}
 
@@ -83,7 +84,7 @@ def _scan_per_shard(static: _Static, mesh, q, k, v, log_decay, state, segment_id
 def _feature_size(kind: str, size: int) -> int:
     if kind != "gpu":
         return size
-    return max(16, 1 << (size - 1).bit_length())
+    return triton_width(size)
 
 
 def prepare(kind: str, chunk: int, q, k, v, log_decay, segment_ids, last_segment, state):
