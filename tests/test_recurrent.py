@@ -2,7 +2,8 @@
 NumPy loops of the papers' equations, and for every mixer the three forms against each other.
 
 Tolerances (max |a - b| / max |b|): float32 1e-5 for outputs (1e-4 for gradients, which sum many more
-terms; 1e-3 for RetNet's outputs, see reference.RETNET_FLOAT32_TOLERANCE); bfloat16 4e-2 (projections
+terms; 1e-3 for RetNet's outputs, see reference.RETNET_FLOAT32_TOLERANCE; the mLSTM's normaliser division:
+reference.MLSTM_CORE_FLOAT32_TOLERANCE and MLSTM_GRAD_FLOAT32_TOLERANCE); bfloat16 4e-2 (projections
 run in bfloat16, the recurrences in float32 in every form).
 Packed rows (two documents in row 0) and lengths that are not a multiple of the chunk (8) throughout.
 """
@@ -14,7 +15,7 @@ import pytest
 
 import recurrent_reference as ref
 from inputs import decode_in_chunks, decode_on_mesh, forward, init, packed_batch
-from reference import TOLERANCE, relative_error, tolerance
+from reference import MLSTM_CORE_FLOAT32_TOLERANCE, MLSTM_GRAD_FLOAT32_TOLERANCE, TOLERANCE, relative_error, tolerance
 from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, delta_chunked, delta_step
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
 from zoo.layers.recurrent import naive_scan, continues
@@ -106,8 +107,8 @@ def test_mlstm_core_matches_reference(length, rng):
     expected = ref.mlstm(q, k, v, log_i, log_f, segments)
     state = {"C": jnp.zeros((2, 3, 4, 5)), "n": jnp.zeros((2, 3, 4)), "m": jnp.zeros((2, 3))}
     naive, fast = both_forms(mlstm_step, mlstm_chunked, (q, k, v, log_i, log_f), segments, state)
-    assert relative_error(naive, expected) < TOLERANCE["float32"]
-    assert relative_error(fast, expected) < TOLERANCE["float32"]
+    assert relative_error(naive, expected) < MLSTM_CORE_FLOAT32_TOLERANCE
+    assert relative_error(fast, expected) < MLSTM_CORE_FLOAT32_TOLERANCE
 
 
 def test_slstm_core_matches_reference(rng):
@@ -171,8 +172,18 @@ def test_gradients_of_chunked_match_naive(name, rng):
         loss = lambda p, xs: jnp.sum(forward(m, p, xs, positions, segments) * cotangent)
         return jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
 
-    for got, want in zip(jax.tree.leaves(grads(module)), jax.tree.leaves(grads(naive))):
-        assert relative_error(got, want) < GRAD_TOLERANCE
+    got, want = grads(module), grads(naive)
+    limit = MLSTM_GRAD_FLOAT32_TOLERANCE if name == "mlstm" else GRAD_TOLERANCE
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(want))
+    for (path, got_leaf), want_leaf in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        if name == "mlstm" and "input_gate_bias" in jax.tree_util.keystr(path):
+            # Shifting every input gate by b shifts the max-state m by b and leaves C/e^m, n/e^m unchanged,
+            # so the output moves only through the exp(-m) floor: this gradient is a nearly cancelling sum
+            # (|grad| ~ 0.02 where others reach ~50) and its relative error is rounding noise (60 seeds:
+            # median 7e-6, max 5.3e-4). It is held to the tolerance against the gradients' scale instead.
+            assert float(jnp.max(jnp.abs(got_leaf - want_leaf))) < limit * scale
+        else:
+            assert relative_error(got_leaf, want_leaf) < limit
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
