@@ -3,6 +3,8 @@ attention forward and backward (interpret mode on CPU; the compiled kernels wher
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,8 @@ BLOCK = 16
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_mla_decode_matches_reference(rng, dtype, splits):
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_mla_decode_matches_reference(rng, platform, dtype, splits):
     """Ragged rows (one slot, all slots, random), a cache length that is not a multiple of the block or
     the splits (so rows end inside blocks and splits, and some splits of short rows are empty), head
     count and latent / RoPE widths that need padding."""
@@ -35,7 +38,7 @@ def test_mla_decode_matches_reference(rng, dtype, splits):
     q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
         normal(batch, slots, rope)
     scale = (rank + rope) ** -0.5
-    run = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl=impl_for("gpu"), platform="gpu", block=BLOCK,
+    run = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl=impl_for(platform), platform=platform, block=BLOCK,
                                         splits=splits))
     out = run(q_lat, q_pe, c, k_pe, jnp.asarray(lengths))
     with jax.default_matmul_precision("float32"):
@@ -61,11 +64,13 @@ def test_default_splits_fill_the_gpu_without_tiny_splits():
     assert default_splits(batch=4, slots=256, block=64) == 1
 
 
-def test_mla_decode_rejects_a_block_triton_cannot_tile():
+def test_mla_decode_rejects_a_block_the_kernels_cannot_tile():
     args = (jnp.zeros((1, 2, 32)), jnp.zeros((1, 2, 16)), jnp.zeros((1, 64, 32)), jnp.zeros((1, 64, 16)),
             jnp.ones((1,), jnp.int32))
     with pytest.raises(ValueError, match="power of two"):
         mla_decode(*args, scale=1.0, impl="interpret", platform="gpu", block=24)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        mla_decode(*args, scale=1.0, impl="interpret", platform="tpu", block=12)
 
 
 # --- flash attention -------------------------------------------------------------------------------------------
@@ -193,7 +198,8 @@ def test_flash_attention_rejects_bad_shapes_and_tiles():
         flash_attention(q, q, q, pos, pos, pos, pos, scale=1.0, impl="pallas", platform="tpu")
 
 
-def test_mla_decode_reads_unsplit_tails_and_clips_lengths(rng):
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_mla_decode_reads_unsplit_tails_and_clips_lengths(rng, platform):
     """A cache whose slots are a multiple of the block but not of block x splits (the last split is short),
     and lengths outside [1, S]: 0 gives a zero row, more than S is S."""
     batch, heads, rank, rope, slots = 3, 2, 16, 16, 5 * BLOCK
@@ -204,17 +210,60 @@ def test_mla_decode_reads_unsplit_tails_and_clips_lengths(rng):
     q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
         normal(batch, slots, rope)
     lengths = jnp.asarray([0, slots + 7, 3 * BLOCK + 5], jnp.int32)
-    out = mla_decode(q_lat, q_pe, c, k_pe, lengths, scale=0.2, impl=impl_for("gpu"), platform="gpu", block=BLOCK,
-                     splits=2)
+    out = mla_decode(q_lat, q_pe, c, k_pe, lengths, scale=0.2, impl=impl_for(platform), platform=platform,
+                     block=BLOCK, splits=2)
     with jax.default_matmul_precision("float32"):
         expected = mla_decode_reference(q_lat, q_pe, c, k_pe, jnp.clip(lengths, 0, slots), scale=0.2)
     assert float(jnp.max(jnp.abs(out[0]))) == 0.0
     assert relative_error(out[1:], expected[1:]) < TOLERANCE["float32"]
 
 
-def test_tpla_decode_under_a_mesh_equals_one_device(rng):
+def paginate(rng, caches, page, spare_pages):
+    """Contiguous caches [B, S, ...] (S a multiple of page) -> the same slots scattered over a shuffled page
+    pool with `spare_pages` pages of noise no row owns, and the block table [B, S / page]."""
+    batch, slots = caches[0].shape[:2]
+    owned = batch * slots // page
+    where = rng.permutation(owned + spare_pages)[:owned]  # pool page of each row's i-th page
+    pools = []
+    for cache in caches:
+        pool = rng.normal(size=(owned + spare_pages, page, *cache.shape[2:])).astype(np.float32)
+        pool[where] = np.asarray(cache, np.float32).reshape(owned, page, *cache.shape[2:])
+        pools.append(jnp.asarray(pool, cache.dtype))
+    return pools, jnp.asarray(where.reshape(batch, slots // page), jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_paged_mla_decode_matches_the_contiguous_cache(rng, platform, dtype):
+    """A shuffled page pool with pages no row owns, ragged lengths ending inside pages, splits crossing
+    pages, and table entries past a row's length pointing anywhere (-1, past the pool): the kernel equals
+    the reference over the contiguous cache and the contiguous kernel."""
+    batch, heads, rank, rope, pages_per_row = 3, 2, 32, 16, 5
+    slots = pages_per_row * BLOCK
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
+
+    q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
+        normal(batch, slots, rope)
+    lengths = jnp.asarray([slots, 2 * BLOCK + 3, int(rng.integers(1, slots))], jnp.int32)
+    (c_pool, pe_pool), table = paginate(rng, (c, k_pe), BLOCK, spare_pages=4)
+    unread = jnp.arange(pages_per_row)[None, :] * BLOCK >= lengths[:, None]
+    table = jnp.where(unread, jnp.asarray([[-1, 10**6, -1, 10**6, -1]]), table)
+    run = functools.partial(mla_decode, scale=0.2, impl=impl_for(platform), platform=platform, splits=2)
+    paged = run(q_lat, q_pe, c_pool, pe_pool, lengths, block_table=table)
+    contiguous = run(q_lat, q_pe, c, k_pe, lengths, block=BLOCK)
+    with jax.default_matmul_precision("float32"):
+        expected = mla_decode_reference(q_lat, q_pe, c, k_pe, lengths, scale=0.2)
+    assert relative_error(paged, expected) < TOLERANCE[dtype]
+    np.testing.assert_array_equal(np.asarray(paged), np.asarray(contiguous))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_tpla_decode_under_a_mesh_equals_one_device(rng, layout):
     """latent_decode with 4 latent shards on 8 fake CPU devices (data=2, tensor=4: each device one shard of
-    the latent, the psum over "tensor" the all-reduce) equals the single-device call, with the kernel."""
+    the latent, the psum over "tensor" the all-reduce) equals the single-device call, with the kernel; a
+    paged cache's pool is split by shard only (every row's pages may live anywhere in it)."""
     from zoo.train.mesh import make_mesh
 
     if len(jax.devices()) < 8:
@@ -224,15 +273,16 @@ def test_tpla_decode_under_a_mesh_equals_one_device(rng):
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
-    args = (normal(batch, heads, shards, rank), normal(batch, heads, rope), normal(batch, slots, shards, rank),
-            normal(batch, slots, rope), jnp.asarray(rng.integers(1, slots + 1, batch), jnp.int32),
-            normal(shards, rank, heads, dim_v))
-    run = jax.jit(lambda *a: latent_decode(*a, scale=0.2, impl=impl_for("gpu"), platform="gpu", block=BLOCK))
-    single = run(*args)
+    q_lat, q_pe, c, k_pe = normal(batch, heads, shards, rank), normal(batch, heads, rope), \
+        normal(batch, slots, shards, rank), normal(batch, slots, rope)
+    lengths, v_up = jnp.asarray(rng.integers(1, slots + 1, batch), jnp.int32), normal(shards, rank, heads, dim_v)
+    cache, table = ((c, k_pe), None) if layout == "contiguous" else paginate(rng, (c, k_pe), BLOCK, spare_pages=3)
+    run = jax.jit(lambda *a, table: latent_decode(*a, scale=0.2, block_table=table, impl=impl_for("gpu"),
+                                                  platform="gpu", block=BLOCK))
+    single = run(q_lat, q_pe, *cache, lengths, v_up, table=table)
     with jax.set_mesh(make_mesh({"data": 2, "fsdp": 1, "tensor": 4})):
-        sharded = run(*args)
+        sharded = run(q_lat, q_pe, *cache, lengths, v_up, table=table)
     assert relative_error(sharded, single) < TOLERANCE["float32"]
-    q_lat, q_pe, c, k_pe, lengths, v_up = args
     with jax.default_matmul_precision("float32"):
         per_shard = sum(jnp.einsum("bhr,rhv->bhv", mla_decode_reference(q_lat[:, :, g], q_pe, c[:, :, g], k_pe, lengths,
                                                                        scale=0.2), v_up[g]) for g in range(shards))

@@ -7,8 +7,9 @@ layer's decode: TPLA's G latent shards, each attended with its own softmax (mla_
 projected through its rows of W_UV, summed; under a mesh whose "tensor" axis splits the shards, each
 device runs its shards and a psum over "tensor" is the all-reduce (G = 1 is MLA). Decode is never
 differentiated, so there is no custom_vjp (DESIGN.md asks for one where training uses a kernel).
-GPUs: gpu.py (split-K flash-decoding, splits combined here by their log-sum-exp). TPUs: no Mosaic kernel
-yet; impl="auto" runs the XLA reference there and impl="pallas" says so.
+Both kernels read a paged cache (a page pool and a block table); a contiguous cache is handed to them as
+a pool whose pages each row owns in order. GPUs: gpu.py (split-K flash-decoding); TPUs: tpu.py (a row's
+heads together, page by page); splits are combined here by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from zoo.pallas_kernels import dispatch
-from zoo.pallas_kernels.mla_decode import gpu
+from zoo.pallas_kernels.mla_decode import gpu, tpu
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 from zoo.pallas_kernels.tiles import triton_width
 from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
@@ -32,69 +33,114 @@ def default_splits(batch: int, slots: int, block: int, target_programs: int = 26
     return max(1, min(target_programs // max(batch, 1), slots // (8 * block)))
 
 
-def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, impl: str = "auto", platform: str | None = None,
-               block: int = 64, splits: int | None = None, head_block: int = 32):
-    """q_lat [B, H, R], q_pe [B, H, P], c [B, S, R], k_pe [B, S, P], lengths [B] (slots 0 .. length-1 are
-    attended; lengths are clipped to [0, S], and a row of length 0 gets a zero output). Returns the latent
-    output [B, H, R], float32. The kernel reads the cache in place when S is a multiple of `block`
-    (zoo.layers.mla allocates its caches so); otherwise it pads (a copy of the cache per call).
+def paged_to_contiguous(pool, block_table):
+    """A page pool [N, page, ...] read through block_table [B, M] -> each row's slots [B, M * page, ...]."""
+    pages = pool[jnp.clip(block_table, 0, pool.shape[0] - 1)]
+    return pages.reshape(block_table.shape[0], -1, *pool.shape[2:])
 
-    block: cache slots per step of the walk (a power of two >= 16); splits: how many programs share a row's
-    cache (default: default_splits); head_block: heads per program (all of them when fewer; defaults from
-    the sweep in gpu.py)."""
+
+def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None, impl: str = "auto",
+               platform: str | None = None, block: int = 64, splits: int | None = None, head_block: int = 32):
+    """q_lat [B, H, R], q_pe [B, H, P] and lengths [B] (slots 0 .. length-1 are attended; lengths are clipped
+    to the row's slots, and a row of length 0 gets a zero output), over either cache layout:
+    - contiguous: c [B, S, R], k_pe [B, S, P]. The kernel reads it in place when S is a multiple of `block`
+      (zoo.layers.mla allocates its caches so); otherwise it pads (a copy of the cache per call).
+    - paged (block_table given): a pool of N pages c [N, page, R], k_pe [N, page, P] and block_table [B, M]
+      int32, row b's slots [i * page, (i + 1) * page) living in page block_table[b, i]; the page size is the
+      kernel's block. Table entries past a row's length are never read; entries outside [0, N) are clamped.
+    Returns the latent output [B, H, R], float32.
+
+    block: slots per step of the walk (a power of two >= 16 on GPUs, a multiple of 8 on TPUs); splits: how
+    many programs share a row's slots (default: default_splits on GPUs, 1 on TPUs); head_block: heads per
+    GPU program (all of them when fewer; defaults from the sweep in gpu.py)."""
     batch, heads, rank = q_lat.shape
-    slots, rope = c.shape[1], k_pe.shape[-1]
-    if q_pe.shape[:2] != (batch, heads) or c.shape != (batch, slots, rank) or k_pe.shape[:2] != (batch, slots) \
-            or q_pe.shape[-1] != rope or lengths.shape != (batch,):
-        raise ValueError("q_lat [B, H, R], q_pe [B, H, P], c [B, S, R], k_pe [B, S, P] and lengths [B] must agree: "
-                         f"{q_lat.shape}, {q_pe.shape}, {c.shape}, {k_pe.shape}, {lengths.shape}")
+    rope = k_pe.shape[-1]
+    paged = block_table is not None
+    if paged:
+        pages, block = c.shape[:2]
+        layout_ok = (c.ndim == 3 and k_pe.shape[:2] == (pages, block) and block_table.ndim == 2
+                     and block_table.shape[0] == batch)
+        slots = block_table.shape[1] * block if block_table.ndim == 2 else 0
+    else:
+        slots = c.shape[1]
+        layout_ok = c.shape[0] == batch and k_pe.shape[:2] == (batch, slots)
+    if not layout_ok or c.shape[-1] != rank or q_pe.shape != (batch, heads, rope) or lengths.shape != (batch,):
+        raise ValueError("q_lat [B, H, R], q_pe [B, H, P], lengths [B] and a cache c [B, S, R], k_pe [B, S, P] "
+                         "(or pools c [N, page, R], k_pe [N, page, P] with block_table [B, M]) must agree: "
+                         f"{q_lat.shape}, {q_pe.shape}, {c.shape}, {k_pe.shape}, {lengths.shape}"
+                         + (f", block_table {block_table.shape}" if paged else ""))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, slots)
     backend = dispatch.resolve(impl, platform)
-    if backend.kind == "tpu" and impl != "auto":
-        raise NotImplementedError("mla_decode has no Mosaic (TPU) kernel yet: use impl='xla' or 'auto' on TPUs")
-    if backend.kind != "gpu":
+    if backend.kind == "xla":
+        if paged:
+            c, k_pe = paged_to_contiguous(c, block_table), paged_to_contiguous(k_pe, block_table)
         return mla_decode_reference(q_lat, q_pe, c, k_pe, lengths, scale=scale)
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two of at least 16 (Triton's matmul tiles), got {block}")
-    blocks = -(-slots // block)
-    split_len = -(-blocks // (splits or default_splits(batch, slots, block))) * block
+    what = "page size" if paged else "block"
+    if backend.kind == "gpu" and (block < 16 or block & (block - 1)):
+        raise ValueError(f"the {what} must be a power of two of at least 16 (Triton's matmul tiles), got {block}")
+    if backend.kind == "tpu" and block % 8:
+        raise ValueError(f"the {what} must be a multiple of 8 (Mosaic's sublanes), got {block}")
+    dtype = c.dtype
+    if paged:
+        block_table = jnp.clip(block_table.astype(jnp.int32), 0, c.shape[0] - 1)
+    else:  # a contiguous cache is a pool of B * S / block pages, row b owning its own in order
+        row_pages = -(-slots // block)
+        c = _pad(c, 1, row_pages * block).reshape(batch * row_pages, block, rank)
+        k_pe = _pad(k_pe, 1, row_pages * block).reshape(batch * row_pages, block, rope)
+        block_table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * row_pages
+                       + jnp.arange(row_pages, dtype=jnp.int32)[None, :])
+    q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
+    if backend.kind == "tpu":  # one program per row reads each page once: splits only feed a second core
+        partial, lse = tpu.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits or 1,
+                                      interpret=backend.interpret)
+        return _combine(partial, lse)
+    blocks = block_table.shape[1]
+    split_len = -(-blocks // (splits or default_splits(batch, blocks * block, block))) * block
     splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
     head_block = min(triton_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
-    padded_slots = blocks * block
-    pad = lambda x, axis, size: jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)])  # noqa: E731
-    dtype = c.dtype
-    q_lat = pad(pad(q_lat.astype(dtype), 1, padded_heads), 2, triton_width(rank))
-    q_pe = pad(pad(q_pe.astype(dtype), 1, padded_heads), 2, triton_width(rope))
-    c = pad(pad(c, 1, padded_slots), 2, triton_width(rank))
-    k_pe = pad(pad(k_pe.astype(dtype), 1, padded_slots), 2, triton_width(rope))
-    partial, lse = gpu.mla_decode(q_lat, q_pe, c, k_pe, lengths, scale=scale, block=block, splits=splits,
-                                  split_len=split_len, head_block=head_block, interpret=backend.interpret)
-    weights = jax.nn.softmax(lse, axis=1)  # [B, splits, H]: each split's share of the softmax mass
-    return jnp.einsum("bsh,bshr->bhr", weights, partial)[:, :heads, :rank]
+    partial, lse = gpu.mla_decode(
+        _pad(_pad(q_lat, 1, padded_heads), 2, triton_width(rank)),
+        _pad(_pad(q_pe, 1, padded_heads), 2, triton_width(rope)),
+        _pad(c.reshape(-1, rank), 1, triton_width(rank)), _pad(k_pe.reshape(-1, rope), 1, triton_width(rope)),
+        lengths, block_table, scale=scale, block=block, splits=splits, split_len=split_len, head_block=head_block,
+        interpret=backend.interpret)
+    return _combine(partial, lse)[:, :heads, :rank]
 
 
-def latent_decode(q_lat, q_pe, c, k_pe, lengths, v_up, *, scale: float, impl: str = "auto",
+def _pad(x, axis, size):
+    return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)])
+
+
+def _combine(partial, lse):
+    """Splits' normalised outputs [B, splits, H, R] weighted by their share of the softmax mass."""
+    weights = jax.nn.softmax(lse, axis=1)  # [B, splits, H]
+    return jnp.einsum("bsh,bshr->bhr", weights, partial)
+
+
+def latent_decode(q_lat, q_pe, c, k_pe, lengths, v_up, *, scale: float, block_table=None, impl: str = "auto",
                   platform: str | None = None, **tiles):
     """q_lat [B, H, G, r], q_pe [B, H, P], c [B, S, G, r], k_pe [B, S, P], lengths [B], v_up [G, r, H, V]
-    -> [B, H, V] float32: sum over shards g of mla_decode(shard g) @ v_up[g]. tiles: mla_decode's."""
+    -> [B, H, V] float32: sum over shards g of mla_decode(shard g) @ v_up[g]. With block_table [B, M] the
+    cache is a page pool, c [N, page, G, r] and k_pe [N, page, P] (see mla_decode). tiles: mla_decode's."""
     shards = q_lat.shape[2]
 
-    def local(q_lat, c, v_up, q_pe, k_pe, lengths):
+    def local(q_lat, c, v_up, q_pe, k_pe, lengths, block_table):
         out = 0.0
         for g in range(q_lat.shape[2]):
-            o_lat = mla_decode(q_lat[:, :, g], q_pe, c[:, :, g], k_pe, lengths, scale=scale, impl=impl,
-                               platform=platform, **tiles)
+            o_lat = mla_decode(q_lat[:, :, g], q_pe, c[:, :, g], k_pe, lengths, scale=scale,
+                               block_table=block_table, impl=impl, platform=platform, **tiles)
             out = out + jnp.einsum("bhr,rhv->bhv", o_lat, v_up[g].astype(jnp.float32))
         return out
 
+    args = (q_lat, c, v_up, q_pe, k_pe, lengths, block_table)
     mesh = jax.sharding.get_abstract_mesh()
     tensor = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
     if tensor == 1 or shards % tensor:
-        return local(q_lat, c, v_up, q_pe, k_pe, lengths)
+        return local(*args)
     rows = logical_to_spec(("batch",), q_lat.shape[:1], mesh, nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
-    by_shard = P(rows, None, "tensor", None)
+    cache_rows = None if block_table is not None else rows  # a page pool is shared by all rows
+    specs = (P(rows, None, "tensor", None), P(cache_rows, None, "tensor", None), P("tensor"), P(rows),
+             P(cache_rows), P(rows), None if block_table is None else P(rows))
     return jax.shard_map(lambda *a: jax.lax.psum(local(*a), "tensor"), mesh=mesh, check_vma=False,
-                         in_specs=(by_shard, by_shard, P("tensor"), P(rows), P(rows), P(rows)),
-                         out_specs=P(rows))(q_lat, c, v_up, q_pe, k_pe, lengths)
-
+                         in_specs=specs, out_specs=P(rows))(*args)
