@@ -7,8 +7,9 @@ Each part's key heads divide the query heads (grouped: query head h reads key he
 
 Which key blocks a query block visits comes from a list (ops.py builds it from the blocks' position and
 segment ranges): causal, sliding-window and packed-document layouts skip the blocks nothing sees, and
-sink blocks are visited alongside the window's band. Inside a visited block every element is masked by
-masking.visible. The forward keeps the online softmax in registers and writes o and the row's
+sink blocks are visited alongside the window's band. The list starts with the blocks seen whole (below
+the diagonal, inside the window and one document), walked with no mask; the rest are masked element by
+element with masking.visible. The forward keeps the online softmax in registers and writes o and the row's
 log-sum-exp; learned sink logits enter as the softmax's starting point (running max = sink, sum = 1), so
 the log-sum-exp and the backward include them with no extra work.
 
@@ -48,7 +49,17 @@ def _scores(q_blocks, k_refs, rows, scale):
     return sum(dot_nt(q, k_ref[rows, :]) for q, k_ref in zip(q_blocks, k_refs)) * scale
 
 
-def _forward_kernel(count_ref, list_ref, sink_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, *refs, parts,
+def _walk(body, interior_ref, count_ref, init):
+    """body(t, carry, masked) over a list's entries: the blocks seen whole (no element mask) come first."""
+    carry = jax.lax.fori_loop(0, interior_ref[...], functools.partial(body, masked=False), init)
+    return jax.lax.fori_loop(interior_ref[...], count_ref[...], functools.partial(body, masked=True), carry)
+
+
+def _where(mask, x, fill):
+    return x if mask is None else jnp.where(mask, x, fill)
+
+
+def _forward_kernel(count_ref, interior_ref, list_ref, sink_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, *refs, parts,
                     block_k, scale, window, sink_tokens, has_sink):
     q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
     v_ref, o_ref, lse_ref = refs[2 * parts:]
@@ -56,14 +67,14 @@ def _forward_kernel(count_ref, list_ref, sink_ref, q_pos_ref, q_seg_ref, k_pos_r
     q_pos, q_seg = q_pos_ref[...][:, None], q_seg_ref[...][:, None]
     rows_q = q_pos.shape[0]
 
-    def body(t, carry):
+    def body(t, carry, masked):
         running_max, total, acc = carry
         rows = _rows(list_ref[t], block_k)
         mask = visible(q_pos, q_seg, k_pos_ref[rows][None, :], k_seg_ref[rows][None, :], window=window,
-                       sink_tokens=sink_tokens)
-        scores = jnp.where(mask, _scores(q_blocks, k_refs, rows, scale), MASKED)
+                       sink_tokens=sink_tokens) if masked else None
+        scores = _where(mask, _scores(q_blocks, k_refs, rows, scale), MASKED)
         new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
-        probs = jnp.where(mask, jnp.exp(scores - new_max[:, None]), 0.0)
+        probs = _where(mask, jnp.exp(scores - new_max[:, None]), 0.0)
         rescale = jnp.exp(running_max - new_max)
         v = v_ref[rows, :]
         acc = acc * rescale[:, None] + dot(probs.astype(v.dtype), v)
@@ -74,35 +85,35 @@ def _forward_kernel(count_ref, list_ref, sink_ref, q_pos_ref, q_seg_ref, k_pos_r
     else:
         init_max, init_total = jnp.full((rows_q,), MASKED, F32), jnp.zeros((rows_q,), F32)
     init = (init_max, init_total, jnp.zeros((rows_q, v_ref.shape[1]), F32))
-    running_max, total, acc = jax.lax.fori_loop(0, count_ref[...], body, init)
+    running_max, total, acc = _walk(body, interior_ref, count_ref, init)
     empty = total == 0.0  # no visible key (a padding row): output 0
     safe_total = jnp.where(empty, 1.0, total)
     o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_total[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
 
 
-def _dq_kernel(count_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, lse_ref, delta_ref, do_ref, v_ref,
+def _dq_kernel(count_ref, interior_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, lse_ref, delta_ref, do_ref, v_ref,
                *refs, parts, block_k, scale, window, sink_tokens):
     q_refs, k_refs, dq_refs = refs[:parts], refs[parts:2 * parts], refs[2 * parts:]
     q_blocks = [ref[...] for ref in q_refs]
     q_pos, q_seg = q_pos_ref[...][:, None], q_seg_ref[...][:, None]
     lse, delta, do = lse_ref[...][:, None], delta_ref[...][:, None], do_ref[...]
 
-    def body(t, grads):
+    def body(t, grads, masked):
         rows = _rows(list_ref[t], block_k)
         mask = visible(q_pos, q_seg, k_pos_ref[rows][None, :], k_seg_ref[rows][None, :], window=window,
-                       sink_tokens=sink_tokens)
-        probs = jnp.where(mask, jnp.exp(_scores(q_blocks, k_refs, rows, scale) - lse), 0.0)
+                       sink_tokens=sink_tokens) if masked else None
+        probs = _where(mask, jnp.exp(_scores(q_blocks, k_refs, rows, scale) - lse), 0.0)
         dscores = probs * (dot_nt(do, v_ref[rows, :]) - delta)
         return tuple(g + dot(dscores.astype(k_ref.dtype), k_ref[rows, :]) for g, k_ref in zip(grads, k_refs))
 
     init = tuple(jnp.zeros(q.shape, F32) for q in q_blocks)
-    grads = jax.lax.fori_loop(0, count_ref[...], body, init)
+    grads = _walk(body, interior_ref, count_ref, init)
     for dq_ref, g in zip(dq_refs, grads):
         dq_ref[...] = (g * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(count_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, lse_ref, delta_ref, do_ref, v_ref,
+def _dkv_kernel(count_ref, interior_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, lse_ref, delta_ref, do_ref, v_ref,
                 *refs, parts, block_q, scale, window, sink_tokens):
     q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
     dv_ref, dk_refs = refs[2 * parts], refs[2 * parts + 1:]
@@ -110,21 +121,21 @@ def _dkv_kernel(count_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref,
     k_pos, k_seg = k_pos_ref[...][None, :], k_seg_ref[...][None, :]
     v = v_ref[...]
 
-    def body(t, carry):
+    def body(t, carry, masked):
         dv, dks = carry
         rows = _rows(list_ref[t], block_q)
         mask = visible(q_pos_ref[rows][:, None], q_seg_ref[rows][:, None], k_pos, k_seg, window=window,
-                       sink_tokens=sink_tokens)
+                       sink_tokens=sink_tokens) if masked else None
         q_blocks = [ref[rows, :] for ref in q_refs]
         scores = sum(dot_nt(q, k) for q, k in zip(q_blocks, k_blocks)) * scale
-        probs = jnp.where(mask, jnp.exp(scores - lse_ref[rows][:, None]), 0.0)
+        probs = _where(mask, jnp.exp(scores - lse_ref[rows][:, None]), 0.0)
         do = do_ref[rows, :]
         dv = dv + dot_tn(probs.astype(do.dtype), do)
         dscores = (probs * (dot_nt(do, v) - delta_ref[rows][:, None])).astype(do.dtype)
         return dv, tuple(dk + dot_tn(dscores, q) for dk, q in zip(dks, q_blocks))
 
     init = (jnp.zeros(v.shape, F32), tuple(jnp.zeros(k.shape, F32) for k in k_blocks))
-    dv, dks = jax.lax.fori_loop(0, count_ref[...], body, init)
+    dv, dks = _walk(body, interior_ref, count_ref, init)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     for dk_ref, dk in zip(dk_refs, dks):
         dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
@@ -139,14 +150,16 @@ def _head_of(heads, kv_heads):
     return lambda h: h // groups
 
 
-def forward(qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, counts, lists, *, scale, window, sink_tokens, has_sink,
+def forward(qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, walk, *, scale, window, sink_tokens, has_sink,
             block_q, block_k, interpret):
     """qs/ks: tuples of parts [B, T, H, D_i] / [B, S, KV_i, D_i]; v [B, S, KV, Dv]; sinks [H] float32;
-    positions / segments int32 [B, T] / [B, S] (T, S multiples of the blocks); counts [B, T/block_q] and
-    lists [B, T/block_q, L] the key blocks each query block visits. Returns o [B, T, H, Dv] (v's dtype) and
+    positions / segments int32 [B, T] / [B, S] (T, S multiples of the blocks); walk: ops.block_lists'
+    (counts [B, T/block_q], interior counts [B, T/block_q], lists [B, T/block_q, L]), the key blocks each
+    query block visits, the ones it sees whole first. Returns o [B, T, H, Dv] (v's dtype) and
     the log-sum-exp [B, H, T] float32."""
     batch, length, heads, _ = qs[0].shape
     slots, dv = v.shape[1], v.shape[-1]
+    counts, interiors, lists = walk
     q_block = lambda width: pl.BlockSpec((None, block_q, None, width), lambda h, i, b: (b, i, h, 0))  # noqa: E731
 
     def k_row(x):
@@ -161,25 +174,26 @@ def forward(qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, counts, lists, *, scal
     return pl.pallas_call(
         kernel,
         grid=(heads, length // block_q, batch),
-        in_specs=[per_q_block, pl.BlockSpec((None, None, lists.shape[-1]), lambda h, i, b: (b, i, 0)),
+        in_specs=[per_q_block, per_q_block, pl.BlockSpec((None, None, lists.shape[-1]), lambda h, i, b: (b, i, 0)),
                   pl.BlockSpec((None,), lambda h, i, b: (h,)), q_rows, q_rows, key_row, key_row,
                   *[q_block(q.shape[-1]) for q in qs], *map(k_row, ks), k_row(v)],
         out_specs=[q_block(dv), pl.BlockSpec((None, None, block_q), lambda h, i, b: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, dv), v.dtype),
                    jax.ShapeDtypeStruct((batch, heads, length), F32)],
         compiler_params=_params(WARPS), interpret=interpret, name="flash_attention_forward",
-    )(counts, lists, sinks, q_pos, q_seg, k_pos, k_seg, *qs, *ks, v)
+    )(counts, interiors, lists, sinks, q_pos, q_seg, k_pos, k_seg, *qs, *ks, v)
 
 
-def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_counts, q_lists, k_counts, k_lists, *,
-             scale, window, sink_tokens, block_q, block_k, interpret):
+def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_walk, k_walk, *, scale, window, sink_tokens,
+             block_q, block_k, interpret):
     """Gradients given dO [B, T, H, Dv], the forward's lse and delta = rowsum(dO * O) [B, H, T] float32;
-    q_counts / q_lists as in forward (per query block of `block_q`), k_counts [B, S/block_k] and k_lists
-    [B, S/block_k, L'] the query blocks each key block is seen from. Returns (dqs, dks, dv): dq parts like
+    q_walk as forward's walk (per query block of `block_q`), k_walk the same per key block of `block_k` over
+    the query blocks that see it. Returns (dqs, dks, dv): dq parts like
     qs; dk parts and dv per query head [B, S, H, D_i] float32 (ops.py sums each key head's group)."""
     batch, length, heads, _ = qs[0].shape
     slots, dv_width = v.shape[1], v.shape[-1]
     common = dict(parts=len(qs), scale=scale, window=window, sink_tokens=sink_tokens)
+    (q_counts, q_interiors, q_lists), (k_counts, k_interiors, k_lists) = q_walk, k_walk
 
     def by_head(x, rows, index):  # x's head for query head h, rows given by index(i)
         head_of = _head_of(heads, x.shape[2])
@@ -190,7 +204,7 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_counts, q_
     dqs = pl.pallas_call(
         dq_kernel,
         grid=(heads, length // block_q, batch),
-        in_specs=[pl.BlockSpec((None, None), lambda h, i, b: (b, i)),
+        in_specs=[pl.BlockSpec((None, None), lambda h, i, b: (b, i)), pl.BlockSpec((None, None), lambda h, i, b: (b, i)),
                   pl.BlockSpec((None, None, q_lists.shape[-1]), lambda h, i, b: (b, i, 0)),
                   pl.BlockSpec((None, block_q), lambda h, i, b: (b, i)), pl.BlockSpec((None, block_q), lambda h, i, b: (b, i)),
                   pl.BlockSpec((None, slots), lambda h, i, b: (b, 0)), pl.BlockSpec((None, slots), lambda h, i, b: (b, 0)),
@@ -199,7 +213,7 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_counts, q_
         out_specs=[by_head(q, block_q, lambda i: i) for q in qs],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype) for q in qs],
         compiler_params=_params(BACKWARD_WARPS), interpret=interpret, name="flash_attention_dq",
-    )(q_counts, q_lists, q_pos, q_seg, k_pos, k_seg, lse, delta, do, v, *qs, *ks)
+    )(q_counts, q_interiors, q_lists, q_pos, q_seg, k_pos, k_seg, lse, delta, do, v, *qs, *ks)
 
     whole_row = pl.BlockSpec((None, None, length), lambda h, j, b: (b, h, 0))
     per_head = lambda width: pl.BlockSpec((None, block_k, None, width), lambda h, j, b: (b, j, h, 0))  # noqa: E731
@@ -207,7 +221,7 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_counts, q_
     dv, *dks = pl.pallas_call(
         dkv_kernel,
         grid=(heads, slots // block_k, batch),
-        in_specs=[pl.BlockSpec((None, None), lambda h, j, b: (b, j)),
+        in_specs=[pl.BlockSpec((None, None), lambda h, j, b: (b, j)), pl.BlockSpec((None, None), lambda h, j, b: (b, j)),
                   pl.BlockSpec((None, None, k_lists.shape[-1]), lambda h, j, b: (b, j, 0)),
                   pl.BlockSpec((None, length), lambda h, j, b: (b, 0)), pl.BlockSpec((None, length), lambda h, j, b: (b, 0)),
                   pl.BlockSpec((None, block_k), lambda h, j, b: (b, j)), pl.BlockSpec((None, block_k), lambda h, j, b: (b, j)),
@@ -217,5 +231,5 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_counts, q_
         out_shape=[jax.ShapeDtypeStruct((batch, slots, heads, dv_width), F32),
                    *[jax.ShapeDtypeStruct((batch, slots, heads, k.shape[-1]), F32) for k in ks]],
         compiler_params=_params(BACKWARD_WARPS), interpret=interpret, name="flash_attention_dkv",
-    )(k_counts, k_lists, q_pos, q_seg, k_pos, k_seg, lse, delta, do, v, *qs, *ks)
+    )(k_counts, k_interiors, k_lists, q_pos, q_seg, k_pos, k_seg, lse, delta, do, v, *qs, *ks)
     return tuple(dqs), tuple(dks), dv

@@ -28,3 +28,16 @@ def may_see(q_pos_range, q_seg_range, k_pos_range, k_seg_range, *, window: int |
     if window is not None:
         mask &= (q_pos_min - k_pos_max < window) | (k_pos_min < sink_tokens)
     return mask
+
+
+def all_see(q_pos_range, q_seg_range, k_pos_range, k_seg_range, *, window: int | None = None, sink_tokens: int = 0):
+    """Whether every query of a block sees every key of another, from the same (min, max) ranges, for blocks
+    whose tokens are all real: one document across both, every key at or before every query, and each
+    pair within the window or every key a sink. A subset of `visible` over the block pair, so the kernels
+    skip the element mask there."""
+    (q_pos_min, q_pos_max), (q_seg_min, q_seg_max) = q_pos_range, q_seg_range
+    (k_pos_min, k_pos_max), (k_seg_min, k_seg_max) = k_pos_range, k_seg_range
+    mask = (q_seg_min == q_seg_max) & (k_seg_min == k_seg_max) & (q_seg_min == k_seg_min) & (k_pos_max <= q_pos_min)
+    if window is not None:
+        mask &= (q_pos_max - k_pos_min < window) | (k_pos_max < sink_tokens)
+    return mask

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.flash_attention import gpu
-from zoo.pallas_kernels.flash_attention.masking import may_see
+from zoo.pallas_kernels.flash_attention.masking import all_see, may_see
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.tiles import triton_width
 
@@ -99,30 +99,36 @@ def _pad(x, axis, size, value=0):
 
 
 def _block_ranges(positions, segments, block):
-    """Each block's (min, max) position and segment id over its real tokens ([B, n] each)."""
+    """Each block's (min, max) position and segment id over its real tokens ([B, n] each), and whether all
+    its tokens are real."""
     batch = positions.shape[0]
     pos, seg = positions.reshape(batch, -1, block), segments.reshape(batch, -1, block)
     real = pos >= 0
     lowest = lambda x: jnp.min(jnp.where(real, x, _FAR), axis=-1)  # noqa: E731
     highest = lambda x: jnp.max(jnp.where(real, x, -_FAR), axis=-1)  # noqa: E731
-    return (lowest(pos), highest(pos)), (lowest(seg), highest(seg))
+    return (lowest(pos), highest(pos)), (lowest(seg), highest(seg)), jnp.all(real, axis=-1)
 
 
 def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
-    """visits [B, nq, nk] (which key blocks each query block may see); per query block the count and the
-    list of those key blocks (ascending, padded to a power of two), and the same per key block."""
-    (qp, qs), (kp, ks) = _block_ranges(q_pos, q_seg, block_q), _block_ranges(k_pos, k_seg, block_k)
+    """Per query block: how many key blocks it may see, how many of those it sees whole (no element mask
+    needed), and the list of them, the whole ones first, each group ascending (padded to a power of two);
+    the same per key block over query blocks. Each is (counts, interior counts, lists)."""
+    (qp, qs, q_real), (kp, ks, k_real) = _block_ranges(q_pos, q_seg, block_q), _block_ranges(k_pos, k_seg, block_k)
     expand_q = lambda pair: tuple(x[:, :, None] for x in pair)  # noqa: E731
     expand_k = lambda pair: tuple(x[:, None, :] for x in pair)  # noqa: E731
-    visits = may_see(expand_q(qp), expand_q(qs), expand_k(kp), expand_k(ks), window=static.window,
-                     sink_tokens=static.sink_tokens)
+    ranges = (expand_q(qp), expand_q(qs), expand_k(kp), expand_k(ks))
+    visits = may_see(*ranges, window=static.window, sink_tokens=static.sink_tokens)
+    whole = visits & all_see(*ranges, window=static.window, sink_tokens=static.sink_tokens) \
+        & q_real[:, :, None] & k_real[:, None, :]
 
-    def compact(mask):  # the True columns' indices first, in order
-        width = triton_width(mask.shape[-1])
-        mask = _pad(mask, 2, width, False)
-        return jnp.sum(mask, axis=-1, dtype=jnp.int32), jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+    def compact(visits, whole):  # whole visits first, then the masked ones, then the rest, in order
+        width = triton_width(visits.shape[-1])
+        visits, whole = _pad(visits, 2, width, False), _pad(whole, 2, width, False)
+        rank = jnp.where(whole, 0, jnp.where(visits, 1, 2))
+        return (jnp.sum(visits, axis=-1, dtype=jnp.int32), jnp.sum(whole, axis=-1, dtype=jnp.int32),
+                jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32))
 
-    return compact(visits), compact(jnp.swapaxes(visits, 1, 2))
+    return compact(visits, whole), compact(jnp.swapaxes(visits, 1, 2), jnp.swapaxes(whole, 1, 2))
 
 
 def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
@@ -153,8 +159,8 @@ def _attention_forward(static, qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg):
     length, dv = qs[0].shape[1], v.shape[-1]
     padded = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
     pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = padded
-    (counts, lists), _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[:2])
-    o, lse = gpu.forward(pqs, pks, pv, sinks, pq_pos, pq_seg, pk_pos, pk_seg, counts, lists, has_sink=static.has_sink,
+    q_walk, _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[:2])
+    o, lse = gpu.forward(pqs, pks, pv, sinks, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, has_sink=static.has_sink,
                          block_q=static.blocks[0], block_k=static.blocks[1], **_kernel_args(static))
     return o[:, :length, :, :dv], (qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse)
 
@@ -166,9 +172,9 @@ def _attention_backward(static, residuals, do):
     pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
     do = _pad(_pad(do.astype(pv.dtype), 1, o.shape[1]), 3, o.shape[-1])
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
-    (q_counts, q_lists), (k_counts, k_lists) = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
-    dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_counts, q_lists,
-                                k_counts, k_lists, block_q=static.blocks[2], block_k=static.blocks[3],
+    q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
+    dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, k_walk,
+                                block_q=static.blocks[2], block_k=static.blocks[3],
                                 **_kernel_args(static))
 
     def per_key_head(grad, like):  # [B, S', H, D'] per query head -> like's heads, length and width
