@@ -82,7 +82,7 @@ class SlotCache:
                 positions,
                 self.sink_tokens + (positions - self.sink_tokens) % self.window,
             )
-        slot = jnp.where(keep, slot, self.num_slots)  # out of range: dropped by mode="drop"
+        slot = last_writer_only(jnp.where(keep, slot, self.num_slots), self.num_slots)  # num_slots: dropped
 
         def put(buffer, index, values):
             return jax.vmap(lambda b, i, v: b.at[i].set(v.astype(b.dtype), mode="drop"))(buffer, index, values)
@@ -92,6 +92,16 @@ class SlotCache:
             positions=put(self.positions, slot, positions),
             segment_ids=put(self.segment_ids, slot, segment_ids.astype(jnp.int32)),
         )
+
+
+def last_writer_only(slot: jax.Array, num_slots: int) -> jax.Array:
+    """slot [batch, T] in [0, num_slots] -> the same with num_slots (dropped) for every token that a later
+    token of its row writes over. Several new tokens can map to one slot (packed documents restart their
+    positions; a ring buffer wraps within a chunk), and a scatter with repeated indices leaves which one
+    lands unspecified (GPUs pick any): the last one must, as if the tokens were written one by one."""
+    order = jnp.broadcast_to(jnp.arange(slot.shape[1], dtype=jnp.int32), slot.shape)
+    last = jax.vmap(lambda s, o: jnp.full((num_slots + 1,), -1, jnp.int32).at[s].max(o))(slot, order)
+    return jnp.where(jnp.take_along_axis(last, slot, axis=1) == order, slot, num_slots)
 
 
 @struct.dataclass

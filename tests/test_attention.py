@@ -135,3 +135,25 @@ def test_shared_kv_layer_attends_over_source_kv(window, dtype, rng):
     empty = sharer.init_cache(2, 64, jnp.float32)
     assert isinstance(empty, EmptyCache) and jax.tree.leaves(empty) == [] and cache_bytes(empty) == 0
     assert isinstance(source.init_cache(2, 64, jnp.float32), SlotCache)
+
+
+def test_a_chunk_writing_one_slot_twice_keeps_its_last_token(rng):
+    """Packed documents restart positions and a ring buffer wraps within a chunk, so two new tokens can map
+    to one slot; a scatter with repeated indices may land either (GPUs pick any), so the write drops all but
+    the last. Checked on the slot assignment itself, since the CPU's scatter happens to land the last."""
+    from zoo.layers.kv_cache import last_writer_only
+
+    slots = 6
+    slot = rng.integers(0, slots + 1, (3, 20)).astype(np.int32)  # slots == 6: already dropped
+    kept = np.asarray(last_writer_only(jnp.asarray(slot), slots))
+    for row, kept_row in zip(slot, kept):
+        for t, s in enumerate(row):
+            later = s < slots and s in row[t + 1:]
+            assert kept_row[t] == (slots if later else s)
+    # Through the cache: a packed chunk (positions 0..4, then 0..2) leaves the second document in slots 0..2.
+    cache = SlotCache.create(1, 8, {"k": (1,)}, jnp.float32)
+    positions = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2]])
+    segments = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 2]])
+    cache = cache.write({"k": jnp.arange(8, dtype=jnp.float32).reshape(1, 8, 1)}, positions, segments)
+    assert np.asarray(cache.segment_ids[0, :5]).tolist() == [2, 2, 2, 1, 1]
+    assert np.asarray(cache.entries["k"][0, :5, 0]).tolist() == [5, 6, 7, 3, 4]
