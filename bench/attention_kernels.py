@@ -2,10 +2,11 @@
 form of the same step, with the HBM copy ceiling measured in the same run.
 
     python bench/attention_kernels.py --batches 64,128 --contexts 4096,8192,16384,32768 --out results.jsonl
-    python bench/attention_kernels.py --sweep   # also head_block x block x warps at one shape
+    python bench/attention_kernels.py --sweep   # also head_block x block x warps x stages at one shape
 
 Shape as DeepSeek-V2/V3 decode: 128 heads, kv_lora_rank 512, RoPE dim 64, bf16 cache and queries, every
-row attending to its whole context (lengths = context). XLA = zoo.layers.mla.latent_attention on the
+row attending to its whole context (lengths = context). Paged: the same cache cut into 64-slot pages and
+scattered over a pool in a random order, read through the block table. XLA = zoo.layers.mla.latent_attention on the
 same bf16 arrays (what the MLA layer runs today). Achieved GB/s counts the compulsory traffic: the
 cache read once (c and k_pe), queries read and outputs written once; TFLOP/s counts 2 * H * context *
 (2R + P) per row. Timing: two untimed calls, then median of `--repeats` groups of 10 calls.
@@ -50,6 +51,15 @@ def flops(batch, context):
     return 2 * batch * HEADS * context * (2 * RANK + ROPE)
 
 
+def paged(c, k_pe, page):
+    """The contiguous caches as a shuffled pool of pages and the block table that reads them back."""
+    batch, context = c.shape[:2]
+    pages = batch * context // page
+    where = jax.random.permutation(jax.random.key(1), pages).astype(jnp.int32)  # pool page of each row page
+    pool = lambda x: jnp.zeros((pages, page, x.shape[-1]), x.dtype).at[where].set(x.reshape(pages, page, -1))  # noqa: E731
+    return pool(c), pool(k_pe), where.reshape(batch, context // page)
+
+
 def measure(batch, context, repeats, **kernel_args):
     args = inputs(batch, context)
     scale = (RANK + ROPE) ** -0.5  # any scale: the timing does not depend on it
@@ -57,7 +67,8 @@ def measure(batch, context, repeats, **kernel_args):
     seconds = time_jax(ours, *args, repeats=repeats)
     record = {"batch": batch, "context": context, "heads": HEADS, "rank": RANK, "rope": ROPE, "dtype": "bfloat16",
               "zoo_pallas_ms": 1e3 * seconds, "zoo_pallas_GBps": traffic_bytes(batch, context) / seconds / 1e9,
-              "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, **kernel_args}
+              "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, **kernel_args,
+              "warps": gpu.WARPS, "stages": gpu.STAGES}
     return record, ours, args, scale
 
 
@@ -75,24 +86,33 @@ def main():
           flush=True)
     records = []
     if args.sweep:
-        for head_block, block, warps in itertools.product((16, 32, 64), (32, 64), (4, 8)):
-            gpu.WARPS = warps
+        defaults = gpu.WARPS, gpu.STAGES
+        for head_block, block, warps, stages in itertools.product((32, 64), (32, 64, 128), (4, 8), (2, 3)):
+            gpu.WARPS, gpu.STAGES = warps, stages
             try:
                 record, *_ = measure(128, 8192, args.repeats, head_block=head_block, block=block)
             except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile is reported
-                print(f"head_block {head_block} block {block} warps {warps}: {type(error).__name__}: "
+                print(f"head_block {head_block} block {block} warps {warps} stages {stages}: {type(error).__name__}: "
                       f"{str(error)[:200]}", flush=True)
                 continue
-            record.update(warps=warps, device=device, **ceiling)
+            record.update(device=device, **ceiling)
             records.append(record)
             print(json.dumps(record), flush=True)
-        gpu.WARPS = 4
+        gpu.WARPS, gpu.STAGES = defaults
     for batch, context in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
         record, ours, inputs_, scale = measure(batch, context, args.repeats)
         xla = jax.jit(lambda *a: xla_decode(*a, scale=scale))
         xla_seconds = time_jax(xla, *inputs_, repeats=args.repeats)
         got, want = ours(*inputs_), xla(*inputs_).astype(jnp.float32)
-        record.update(device=device, **ceiling, zoo_xla_ms=1e3 * xla_seconds,
+        q_lat, q_pe, c, k_pe, lengths = inputs_
+        c_pool, pe_pool, table = paged(c, k_pe, 64)
+        paged_decode = jax.jit(lambda *a: mla_decode(*a[:5], scale=scale, block_table=a[5], impl="pallas"))
+        paged_seconds = time_jax(paged_decode, q_lat, q_pe, c_pool, pe_pool, lengths, table, repeats=args.repeats)
+        got_paged = paged_decode(q_lat, q_pe, c_pool, pe_pool, lengths, table)
+        del c_pool, pe_pool
+        record.update(device=device, **ceiling, zoo_paged_ms=1e3 * paged_seconds,
+                      zoo_paged_GBps=traffic_bytes(batch, context) / paged_seconds / 1e9,
+                      paged_equals_contiguous=bool(jnp.array_equal(got_paged, got)), zoo_xla_ms=1e3 * xla_seconds,
                       zoo_xla_GBps=traffic_bytes(batch, context) / xla_seconds / 1e9,
                       fraction_of_copy=record["zoo_pallas_GBps"] / ceiling["copy_GBps"],
                       err_pallas_vs_xla=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))))

@@ -33,13 +33,17 @@ case "${1:-bench}" in
     python3 bench/scan_kernels.py --lengths "${LENGTHS:-2048,4096,8192}" --out "$OUT/scan_kernels.jsonl" 2>&1 \
       | tee "$OUT/scan_kernels.log" ;;
   attention)
+    # PARTS picks a subset (one call has 10 minutes); FLASH_ARGS / MLA_ARGS=--sweep add the tile sweeps.
     repo=$PWD
-    (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider -c "$repo/pyproject.toml" \
-      "$repo/tests/test_attention_kernels.py" 2>&1) | tee "$OUT/attention_tests.log" | tail -5
-    python3 bench/flash_attention.py ${FLASH_ARGS:-} --out "$OUT/flash_attention.jsonl" 2>&1 | tee "$OUT/flash_attention.log"
-    python3 bench/attention_kernels.py --batches 64,128 --contexts 8192,32768 --out "$OUT/attention_kernels.jsonl" 2>&1 \
-      | tee "$OUT/attention_kernels.log"
-    (cd /tmp && python3 "$repo/bench/decode_speed.py" --out "$OUT/decode_speed.jsonl" 2>&1) | tee "$OUT/decode_speed.log" ;;
+    parts=" ${PARTS:-tests flash mla generate} "
+    [[ $parts == *" tests "* ]] && (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider \
+      -c "$repo/pyproject.toml" "$repo/tests/test_attention_kernels.py" 2>&1) | tee "$OUT/attention_tests.log" | tail -5
+    [[ $parts == *" flash "* ]] && python3 bench/flash_attention.py ${FLASH_ARGS:-} --out "$OUT/flash_attention.jsonl" 2>&1 \
+      | tee "$OUT/flash_attention.log"
+    [[ $parts == *" mla "* ]] && python3 bench/attention_kernels.py ${MLA_ARGS:-} --batches 64,128 --contexts 8192,32768 \
+      --out "$OUT/attention_kernels.jsonl" 2>&1 | tee "$OUT/attention_kernels.log"
+    [[ $parts == *" generate "* ]] && (cd /tmp && python3 "$repo/bench/decode_speed.py" --out "$OUT/decode_speed.jsonl" 2>&1) \
+      | tee "$OUT/decode_speed.log" ;;
   impl-train)
     for impl in xla pallas; do
       (cd /tmp && python3 -m zoo.cli train --preset "${PRESET:-mamba2-hybrid-125m}" --steps "${STEPS:-100}" --batch-size 16 \

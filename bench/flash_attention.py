@@ -104,9 +104,9 @@ def measure(case, repeats, peers=True):
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
     forward, grad = zoo_fns(length, batch, window, scale, case.get("blocks"))
     flops = attention_flops(batch, length, heads, sum(dims), dim_v, window)
-    record = {**{k: v_ for k, v_ in case.items() if k != "blocks"}, "dtype": "bfloat16",
-              "blocks": list(case.get("blocks") or (gpu.BLOCK_Q, gpu.BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)),
-              "warps": [gpu.WARPS, gpu.BACKWARD_WARPS], "stages": gpu.STAGES}
+    blocks = case.get("blocks") or gpu.default_blocks(window)
+    record = {**{k: v_ for k, v_ in case.items() if k != "blocks"}, "dtype": "bfloat16", "blocks": list(blocks),
+              "warps": [gpu.forward_warps(*blocks[:2]), gpu.BACKWARD_WARPS], "stages": gpu.STAGES}
     record["zoo_fwd_ms"] = 1e3 * time_jax(forward, qs, ks, v, repeats=repeats)
     record["zoo_fwdbwd_ms"] = 1e3 * time_jax(grad, qs, ks, v, w, repeats=repeats)
     record["zoo_fwd_TFLOPs"] = flops / record["zoo_fwd_ms"] / 1e9
@@ -156,7 +156,9 @@ def main():
         defaults = gpu.WARPS, gpu.BACKWARD_WARPS, gpu.STAGES
         for warps, stages, blocks in [(4, 2, (128, 64, 64, 64)), (8, 2, (128, 64, 64, 64)), (8, 3, (128, 64, 64, 64)),
                                       (4, 3, (128, 64, 64, 64)), (8, 2, (128, 128, 64, 128)), (8, 3, (128, 128, 128, 64)),
-                                      (4, 2, (64, 64, 32, 64)), (4, 3, (64, 32, 64, 32)), (8, 2, (64, 128, 128, 32))]:
+                                      (4, 2, (64, 64, 32, 64)), (4, 3, (64, 32, 64, 32)), (8, 2, (64, 128, 128, 32)),
+                                      (4, 3, (64, 64, 64, 64)), (4, 4, (64, 32, 64, 64)), (4, 3, (128, 32, 64, 64)),
+                                      (8, 3, (128, 32, 128, 32))]:
             gpu.WARPS = gpu.BACKWARD_WARPS = warps
             gpu.STAGES = stages
             try:

@@ -33,12 +33,24 @@ from zoo.pallas_kernels.tiles import dot, dot_nt, dot_tn
 
 F32 = jnp.float32
 MASKED = -1e30
-# Tiles, warps, pipeline stages: `python bench/flash_attention.py --sweep-only` (H100, B8 T4096 H16 D128 bf16,
-# causal; bench/results/flash_attention_sweep_h100.jsonl): forward 64 x 32 tiles 2.38 ms (128 x 64: 3.47 ms at
-# 4 warps, 2.84 at 8); backward 64 x 64 at 4 warps ~5.2 ms (8 warps: 11.4).
-BLOCK_Q, BLOCK_K, WARPS = 64, 32, 4
+# Tiles, warps, pipeline stages: `python bench/flash_attention.py --sweep` (H100, B8 T4096 H16 D128 bf16, causal,
+# with the unmasked interior walk; bench/results/flash_attention_sweep_h100.jsonl): forward 128 x 128 tiles at
+# 8 warps 1.71 ms (128 x 64 at 4 warps 1.83, 64 x 32 1.90); fwd+bwd with the backward at 64 x 64, 4 warps,
+# 6.78-6.83 ms (at 8 warps 12+). With a 512 window (bench/results/flash_attention_h100.jsonl) small tiles
+# waste less of the band's edges: 64 x 32 0.62 ms, 128 x 128 0.75.
+FULL_BLOCKS, WINDOW_BLOCKS = (128, 128), (64, 32)  # forward (q, k) without / with a sliding window
 BACKWARD_BLOCK_Q, BACKWARD_BLOCK_K, BACKWARD_WARPS = 64, 64, 4
+WARPS = None  # forward warps; None: 8 for tiles of 128 x 128 or more, else 4 (the sweep's best for each)
 STAGES = 3
+
+
+def default_blocks(window):
+    """(forward q, forward k, backward q, backward k) tile lengths for a layout."""
+    return (*(FULL_BLOCKS if window is None else WINDOW_BLOCKS), BACKWARD_BLOCK_Q, BACKWARD_BLOCK_K)
+
+
+def forward_warps(block_q, block_k):
+    return WARPS or (8 if block_q * block_k >= 128 * 128 else 4)
 
 
 def _rows(index, size):
@@ -180,7 +192,7 @@ def forward(qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, walk, *, scale, window
         out_specs=[q_block(dv), pl.BlockSpec((None, None, block_q), lambda h, i, b: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, dv), v.dtype),
                    jax.ShapeDtypeStruct((batch, heads, length), F32)],
-        compiler_params=_params(WARPS), interpret=interpret, name="flash_attention_forward",
+        compiler_params=_params(forward_warps(block_q, block_k)), interpret=interpret, name="flash_attention_forward",
     )(counts, interiors, lists, sinks, q_pos, q_seg, k_pos, k_seg, *qs, *ks, v)
 
 

@@ -43,7 +43,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     """q [B, T, H, D] (or a tuple of parts), k [B, S, KV, D] (or matching parts [B, S, KV_i, D_i]),
     v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
     [B, T, H, Dv] in v's dtype. blocks: (forward q, forward k, backward q, backward k) tile lengths, powers
-    of two >= 16 (default: gpu.py's tuned values)."""
+    of two >= 16 (default: gpu.default_blocks, tuned per layout)."""
     qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
     _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
     if window is not None and window <= 0:
@@ -54,7 +54,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     if backend.kind != "gpu":
         return flash_attention_reference(qs, ks, v, q_positions, q_segments, k_positions, k_segments, scale=scale,
                                          window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
-    blocks = blocks or (gpu.BLOCK_Q, gpu.BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)
+    blocks = blocks or gpu.default_blocks(window)
     if any(b < 16 or b & (b - 1) for b in blocks):
         raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
     heads = qs[0].shape[2]

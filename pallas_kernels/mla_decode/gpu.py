@@ -28,7 +28,7 @@ MASKED = -1e30  # finite, so a split with no valid slot gives weight exp(MASKED 
 # `python bench/attention_kernels.py --sweep` (B128, 8K context, 128 heads, R 512, bf16, H100): 32 heads
 # per program, 64-slot blocks, 4 warps 1.11 ms; 64 heads 1.28 ms (8 warps) / 2.93 ms (4: the float32
 # accumulator [64, 512] spills); 16 heads 1.60 ms.
-WARPS = 4
+WARPS, STAGES = 4, 2
 
 
 def _kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref, *, block, split_len, scale):
@@ -80,6 +80,6 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale: float, bloc
                    pl.BlockSpec((None, None, head_block), lambda h, b, s: (b, s, h))],
         out_shape=[jax.ShapeDtypeStruct((batch, splits, heads, rank), F32),
                    jax.ShapeDtypeStruct((batch, splits, heads), F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=2), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=STAGES), interpret=interpret,
         name="mla_decode",
     )(lengths, block_table, q_lat, q_pe, c, k_pe)
