@@ -7,8 +7,8 @@ q and k are one array each or matching tuples of parts (MLA: no-RoPE and RoPE fe
 shared by all heads); every part's and v's head count divides the query heads (GQA). sink_logits [H]:
 gpt-oss-style learned sinks, a zero-valued entry in each row's softmax.
 
-GPUs: gpu.py. Elsewhere impl="auto" runs the XLA reference; TPUs have no Mosaic kernel yet (impl="pallas"
-there says so). Under a mesh the kernels run per shard (dispatch.per_shard).
+GPUs: gpu.py (Triton); TPUs: tpu.py (Mosaic); elsewhere impl="auto" runs the XLA reference. Under a mesh
+the kernels run per shard (dispatch.per_shard).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.pallas_kernels import dispatch
-from zoo.pallas_kernels.flash_attention import gpu
+from zoo.pallas_kernels.flash_attention import gpu, tpu
 from zoo.pallas_kernels.flash_attention.masking import all_see, may_see
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.tiles import triton_width
@@ -34,6 +34,7 @@ class _Static(NamedTuple):
     sink_tokens: int
     has_sink: bool
     blocks: tuple[int, int, int, int]  # forward (q, k), backward (q, k)
+    platform: str  # "gpu" (Triton) or "tpu" (Mosaic)
     interpret: bool
 
 
@@ -42,25 +43,30 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
                     platform: str | None = None, blocks: tuple[int, int, int, int] | None = None):
     """q [B, T, H, D] (or a tuple of parts), k [B, S, KV, D] (or matching parts [B, S, KV_i, D_i]),
     v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
-    [B, T, H, Dv] in v's dtype. blocks: (forward q, forward k, backward q, backward k) tile lengths, powers
-    of two >= 16 (default: gpu.default_blocks, tuned per layout)."""
+    [B, T, H, Dv] in v's dtype. blocks: (forward q, forward k, backward q, backward k) tile lengths: on GPUs
+    powers of two >= 16 (default: gpu.default_blocks, tuned per layout), on TPUs query blocks multiples of
+    8 and key blocks of 128 (default: tpu.BLOCKS)."""
     qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
     _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
     if window is not None and window <= 0:
         raise ValueError(f"window must be a positive length or None, got {window}")
     backend = dispatch.resolve(impl, platform)
-    if backend.kind == "tpu" and impl != "auto":
-        raise NotImplementedError("flash_attention has no Mosaic (TPU) kernel yet: use impl='xla' or 'auto' on TPUs")
-    if backend.kind != "gpu":
+    if backend.kind == "xla":
         return flash_attention_reference(qs, ks, v, q_positions, q_segments, k_positions, k_segments, scale=scale,
                                          window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
-    blocks = blocks or gpu.default_blocks(window)
-    if any(b < 16 or b & (b - 1) for b in blocks):
-        raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
+    if backend.kind == "gpu":
+        blocks = blocks or gpu.default_blocks(window)
+        if any(b < 16 or b & (b - 1) for b in blocks):
+            raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
+    else:
+        blocks = blocks or tpu.BLOCKS
+        if blocks[0] % 8 or blocks[2] % 8 or blocks[1] % 128 or blocks[3] % 128:
+            raise ValueError("on TPUs query blocks must be multiples of 8 (sublanes) and key blocks of 128 (lanes), "
+                             f"got {blocks}")
     heads = qs[0].shape[2]
     has_sink = sink_logits is not None
     sinks = (sink_logits if has_sink else jnp.zeros((heads,))).astype(jnp.float32)
-    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), backend.interpret)
+    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), backend.kind, backend.interpret)
     ints = [x.astype(jnp.int32) for x in (q_positions, q_segments, k_positions, k_segments)]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -111,8 +117,8 @@ def _block_ranges(positions, segments, block):
 
 def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
     """Per query block: how many key blocks it may see, how many of those it sees whole (no element mask
-    needed), and the list of them, the whole ones first, each group ascending (padded to a power of two);
-    the same per key block over query blocks. Each is (counts, interior counts, lists)."""
+    needed), and the list of them, the whole ones first, each group ascending (padded to a power of two on
+    GPUs); the same per key block over query blocks. Each is (counts, interior counts, lists)."""
     (qp, qs, q_real), (kp, ks, k_real) = _block_ranges(q_pos, q_seg, block_q), _block_ranges(k_pos, k_seg, block_k)
     expand_q = lambda pair: tuple(x[:, :, None] for x in pair)  # noqa: E731
     expand_k = lambda pair: tuple(x[:, None, :] for x in pair)  # noqa: E731
@@ -122,7 +128,7 @@ def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
         & q_real[:, :, None] & k_real[:, None, :]
 
     def compact(visits, whole):  # whole visits first, then the masked ones, then the rest, in order
-        width = triton_width(visits.shape[-1])
+        width = triton_width(visits.shape[-1]) if static.platform == "gpu" else visits.shape[-1]  # Mosaic: a grid axis
         visits, whole = _pad(visits, 2, width, False), _pad(whole, 2, width, False)
         rank = jnp.where(whole, 0, jnp.where(visits, 1, 2))
         return (jnp.sum(visits, axis=-1, dtype=jnp.int32), jnp.sum(whole, axis=-1, dtype=jnp.int32),
@@ -132,18 +138,33 @@ def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
 
 
 def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
-    """Pad lengths to the blocks (padding tokens get position -1: nothing sees them, they see nothing) and
-    features to Triton's power-of-two tiles."""
+    """Pad lengths to the blocks (padding tokens get position -1: nothing sees them, they see nothing) and,
+    on GPUs, features to Triton's power-of-two tiles."""
     block_t = max(static.blocks[0], static.blocks[2])
     block_s = max(static.blocks[1], static.blocks[3])
     length = -(-qs[0].shape[1] // block_t) * block_t
     slots = -(-v.shape[1] // block_s) * block_s
-    qs = tuple(_pad(_pad(q, 1, length), 3, triton_width(q.shape[-1])) for q in qs)
-    ks = tuple(_pad(_pad(k, 1, slots), 3, triton_width(k.shape[-1])) for k in ks)
-    v = _pad(_pad(v, 1, slots), 3, triton_width(v.shape[-1]))
+    width = triton_width if static.platform == "gpu" else (lambda n: n)  # Mosaic blocks take whole widths
+    qs = tuple(_pad(_pad(q, 1, length), 3, width(q.shape[-1])) for q in qs)
+    ks = tuple(_pad(_pad(k, 1, slots), 3, width(k.shape[-1])) for k in ks)
+    v = _pad(_pad(v, 1, slots), 3, width(v.shape[-1]))
     q_pos, k_pos = _pad(q_pos, 1, length, -1), _pad(k_pos, 1, slots, -1)
     q_seg, k_seg = _pad(q_seg, 1, length, -1), _pad(k_seg, 1, slots, -1)
     return qs, ks, v, q_pos, q_seg, k_pos, k_seg
+
+
+def _heads_minor(x):
+    """[B, L, H, D] <-> [B, H, L, D] (the TPU kernels' heads-major layout; its own inverse)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _heads_major(qs, ks, v):
+    return tuple(map(_heads_minor, qs)), tuple(map(_heads_minor, ks)), _heads_minor(v)
+
+
+def _columns_and_rows(q_pos, q_seg, k_pos, k_seg):
+    """Query positions / segments as columns [B, T, 1], key ones as rows [B, 1, S] (Mosaic's tiles)."""
+    return q_pos[:, :, None], q_seg[:, :, None], k_pos[:, None, :], k_seg[:, None, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -160,8 +181,14 @@ def _attention_forward(static, qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg):
     padded = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
     pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = padded
     q_walk, _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[:2])
-    o, lse = gpu.forward(pqs, pks, pv, sinks, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, has_sink=static.has_sink,
-                         block_q=static.blocks[0], block_k=static.blocks[1], **_kernel_args(static))
+    tiles = dict(block_q=static.blocks[0], block_k=static.blocks[1], **_kernel_args(static))
+    if static.platform == "gpu":
+        o, lse = gpu.forward(pqs, pks, pv, sinks, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, has_sink=static.has_sink,
+                             **tiles)
+    else:
+        o, lse = tpu.forward(*_heads_major(pqs, pks, pv), sinks, *_columns_and_rows(pq_pos, pq_seg, pk_pos, pk_seg),
+                             q_walk, has_sink=static.has_sink, **tiles)
+        o, lse = _heads_minor(o), lse[..., 0]
     return o[:, :length, :, :dv], (qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse)
 
 
@@ -173,9 +200,14 @@ def _attention_backward(static, residuals, do):
     do = _pad(_pad(do.astype(pv.dtype), 1, o.shape[1]), 3, o.shape[-1])
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
-    dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, k_walk,
-                                block_q=static.blocks[2], block_k=static.blocks[3],
-                                **_kernel_args(static))
+    tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))
+    if static.platform == "gpu":
+        dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, k_walk,
+                                    **tiles)
+    else:
+        dqs, dks, dv = tpu.backward(*_heads_major(pqs, pks, pv), _heads_minor(do), lse[..., None], delta[..., None],
+                                    *_columns_and_rows(pq_pos, pq_seg, pk_pos, pk_seg), q_walk, k_walk, **tiles)
+        dqs, dks, dv = tuple(map(_heads_minor, dqs)), tuple(map(_heads_minor, dks)), _heads_minor(dv)
 
     def per_key_head(grad, like):  # [B, S', H, D'] per query head -> like's heads, length and width
         kv_heads = like.shape[2]
