@@ -67,7 +67,8 @@ def test_parameter_counts(rng):
     assert count_params(untied) - count_params(config) == config.d_model * config.vocab_size
 
 
-@pytest.mark.parametrize("size, nominal", [("125m", 125e6), ("350m", 350e6), ("1.3b", 1.3e9)])
+@pytest.mark.parametrize("size, nominal", [("125m", 125e6), pytest.param("350m", 350e6, marks=pytest.mark.slow),
+                                           pytest.param("1.3b", 1.3e9, marks=pytest.mark.slow)])
 def test_real_size_presets_are_near_their_names(size, nominal):
     for family in FAMILIES:
         count = count_params(get_preset(f"{family}-{size}"))
@@ -87,7 +88,7 @@ def greedy_by_reforwarding(config, params, prompt, steps):
     return tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("family", ["gqa", "streaming", "mla", "gdn-h2", "xlstm-7-1"])
+@pytest.mark.parametrize("family", ["gqa", "streaming", "mla", "gdn-h2", pytest.param("xlstm-7-1", marks=pytest.mark.slow)])
 def test_greedy_generation_equals_reforwarding(family, rng):
     config = tiny(family)
     params = init_params(config, jax.random.key(int(rng.integers(1 << 30))))

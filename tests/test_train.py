@@ -112,7 +112,7 @@ def test_sharding_rules_place_params_as_named():
     assert jax.tree.leaves(adam.mu) == jax.tree.leaves(params) == jax.tree.leaves(adam.nu)
 
 
-@pytest.mark.parametrize("which", ["gqa-tiny", "hybrid"])
+@pytest.mark.parametrize("which", [pytest.param("gqa-tiny", marks=pytest.mark.slow), "hybrid"])
 def test_sharded_step_equals_single_device_step(which, rng):
     config = get_preset("gqa-tiny") if which == "gqa-tiny" else _hybrid_tiny()
     optimizer = _optimizer(config)
