@@ -6,7 +6,11 @@
 #   bench/device_run.sh kernels    the kernel tests compiled on the GPU, then bench/scan_kernels.py (fla peer)
 #   bench/device_run.sh impl-train one hybrid preset trained with kernel_impl=xla and =pallas, curves compared
 #   bench/device_run.sh attention  the attention kernel tests compiled on the GPU, bench/flash_attention.py (cuDNN,
-#                                  torch SDPA peers), bench/attention_kernels.py (MLA decode), bench/decode_speed.py
+#                                  torch SDPA peers), bench/attention_kernels.py (MLA decode), bench/decode_speed.py;
+#                                  PARTS="tests flash mla generate" picks a subset, FLASH_ARGS / MLA_ARGS=--sweep add tiles
+# .whl (git-ignored through .git/info/exclude): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 tensorboardX==2.6.5
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -33,7 +37,7 @@ case "${1:-bench}" in
     python3 bench/scan_kernels.py --lengths "${LENGTHS:-2048,4096,8192}" --out "$OUT/scan_kernels.jsonl" 2>&1 \
       | tee "$OUT/scan_kernels.log" ;;
   attention)
-    # PARTS picks a subset (one call has 10 minutes); FLASH_ARGS / MLA_ARGS=--sweep add the tile sweeps.
+    # One call has 10 minutes: all four parts with the MLA sweep took 7 on the H100.
     repo=$PWD
     parts=" ${PARTS:-tests flash mla generate} "
     [[ $parts == *" tests "* ]] && (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider \

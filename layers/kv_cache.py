@@ -82,7 +82,9 @@ class SlotCache:
                 positions,
                 self.sink_tokens + (positions - self.sink_tokens) % self.window,
             )
-        slot = last_writer_only(jnp.where(keep, slot, self.num_slots), self.num_slots)  # num_slots: dropped
+        slot = jnp.where(keep, slot, self.num_slots)  # out of range: dropped by mode="drop"
+        if slot.shape[1] > 1:  # one new token per row (decode) cannot collide with itself
+            slot = last_writer_only(slot, self.num_slots)
 
         def put(buffer, index, values):
             return jax.vmap(lambda b, i, v: b.at[i].set(v.astype(b.dtype), mode="drop"))(buffer, index, values)

@@ -14,6 +14,7 @@ the kernels run per shard (dispatch.per_shard).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -140,8 +141,8 @@ def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
 def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
     """Pad lengths to the blocks (padding tokens get position -1: nothing sees them, they see nothing) and,
     on GPUs, features to Triton's power-of-two tiles."""
-    block_t = max(static.blocks[0], static.blocks[2])
-    block_s = max(static.blocks[1], static.blocks[3])
+    block_t = math.lcm(static.blocks[0], static.blocks[2])  # both passes' tiles divide the padded lengths
+    block_s = math.lcm(static.blocks[1], static.blocks[3])
     length = -(-qs[0].shape[1] // block_t) * block_t
     slots = -(-v.shape[1] // block_s) * block_s
     width = triton_width if static.platform == "gpu" else (lambda n: n)  # Mosaic blocks take whole widths
