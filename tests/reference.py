@@ -13,6 +13,10 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-2}
 # of that dot product passes through undamped: at worst ~ u |q||k||v| / sqrt(eps) ~ 1e-3 of the output
 # (measured: 1e-4 in 1 of 40 seeds of the tiny model). Two float32 paths through RetNet agree to this.
 RETNET_FLOAT32_TOLERANCE = 1e-3
+# Gradients through that GroupNorm, chunked vs step form of the tiny retention mixer
+# (test_gradients_of_chunked_match_naive), 50 seeds: median 5.6e-7, p99 5.8e-4, max 9.4e-4 (seed 41);
+# CI on 2026-11-23 hit 3.2e-4 (seed 1788449748) against the generic 1e-4.
+RETNET_GRAD_FLOAT32_TOLERANCE = 5e-3
 # The xLSTM[7:1] model stacks seven mLSTM blocks, each dividing by its normaliser max(|n.q|, exp(-m))
 # and then normalising each head (LayerNorm): the same near-cancellation as RetNet's, damped by the
 # normaliser's floor. Measured: 2.0e-5 for decode vs forward (seed 2015419404, CI on 2026-11-22),

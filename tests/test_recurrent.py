@@ -2,8 +2,8 @@
 NumPy loops of the papers' equations, and for every mixer the three forms against each other.
 
 Tolerances (max |a - b| / max |b|): float32 1e-5 for outputs (1e-4 for gradients, which sum many more
-terms; 1e-3 for RetNet's outputs, see reference.RETNET_FLOAT32_TOLERANCE; the mLSTM's normaliser division:
-reference.MLSTM_CORE_FLOAT32_TOLERANCE and MLSTM_GRAD_FLOAT32_TOLERANCE); bfloat16 4e-2 (projections
+terms; 1e-3 for RetNet's outputs and 5e-3 for its gradients, see reference.RETNET_FLOAT32_TOLERANCE; the
+mLSTM's normaliser division: reference.MLSTM_CORE_FLOAT32_TOLERANCE and MLSTM_GRAD_FLOAT32_TOLERANCE); bfloat16 4e-2 (projections
 run in bfloat16, the recurrences in float32 in every form).
 Packed rows (two documents in row 0) and lengths that are not a multiple of the chunk (8) throughout.
 """
@@ -15,7 +15,8 @@ import pytest
 
 import recurrent_reference as ref
 from inputs import decode_in_chunks, decode_on_mesh, forward, init, packed_batch
-from reference import MLSTM_CORE_FLOAT32_TOLERANCE, MLSTM_GRAD_FLOAT32_TOLERANCE, TOLERANCE, relative_error, tolerance
+from reference import (MLSTM_CORE_FLOAT32_TOLERANCE, MLSTM_GRAD_FLOAT32_TOLERANCE, RETNET_GRAD_FLOAT32_TOLERANCE,
+                       TOLERANCE, relative_error, tolerance)
 from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, delta_chunked, delta_step
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
 from zoo.layers.recurrent import naive_scan, continues
@@ -36,6 +37,8 @@ MIXERS = {
     "slstm": (SLSTM, SLSTMConfig(num_heads=2, head_dim=8)),
 }
 GRAD_TOLERANCE = 1e-4
+# Mixers whose float32 rounding is amplified by a division (see tests/reference.py for the measurements).
+GRAD_TOLERANCE_FOR = {"mlstm": MLSTM_GRAD_FLOAT32_TOLERANCE, "retnet": RETNET_GRAD_FLOAT32_TOLERANCE}
 
 
 def perturb(params, rng, scale=0.3):
@@ -173,7 +176,7 @@ def test_gradients_of_chunked_match_naive(name, rng):
         return jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
 
     got, want = grads(module), grads(naive)
-    limit = MLSTM_GRAD_FLOAT32_TOLERANCE if name == "mlstm" else GRAD_TOLERANCE
+    limit = GRAD_TOLERANCE_FOR.get(name, GRAD_TOLERANCE)
     scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(want))
     for (path, got_leaf), want_leaf in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         if name == "mlstm" and "input_gate_bias" in jax.tree_util.keystr(path):
