@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+# The score of a slot no query may see: finite, so a block or split with no visible slot gives weights
+# exp(MASKED - max) = 0 rather than NaN.
+MASKED = -1e30
 
 
 def _dot_general(a, b, contract):
@@ -27,6 +30,11 @@ def dot_nt(a, b):
 def dot_tn(a, b):
     """a^T @ b."""
     return _dot_general(a, b, ((0,), (0,)))
+
+
+def where_visible(mask, x, fill):
+    """x where mask holds, else fill; mask None means every element is visible (a block walked unmasked)."""
+    return x if mask is None else jnp.where(mask, x, fill)
 
 
 def triton_width(n: int) -> int:

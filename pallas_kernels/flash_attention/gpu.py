@@ -29,10 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from zoo.pallas_kernels.flash_attention.masking import visible
-from zoo.pallas_kernels.tiles import dot, dot_nt, dot_tn
+from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt, dot_tn, where_visible
 
-F32 = jnp.float32
-MASKED = -1e30
 # Tiles, warps, pipeline stages: `python bench/flash_attention.py --sweep` (H100, B8 T4096 H16 D128 bf16, causal,
 # with the unmasked interior walk; bench/results/flash_attention_sweep_h100.jsonl): forward 128 x 128 tiles at
 # 8 warps 1.71 ms (128 x 64 at 4 warps 1.83, 64 x 32 1.90); fwd+bwd with the backward at 64 x 64, 4 warps,
@@ -67,10 +65,6 @@ def _walk(body, interior_ref, count_ref, init):
     return jax.lax.fori_loop(interior_ref[...], count_ref[...], functools.partial(body, masked=True), carry)
 
 
-def _where(mask, x, fill):
-    return x if mask is None else jnp.where(mask, x, fill)
-
-
 def _forward_kernel(count_ref, interior_ref, list_ref, sink_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, *refs, parts,
                     block_k, scale, window, sink_tokens, has_sink):
     q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
@@ -84,9 +78,9 @@ def _forward_kernel(count_ref, interior_ref, list_ref, sink_ref, q_pos_ref, q_se
         rows = _rows(list_ref[t], block_k)
         mask = visible(q_pos, q_seg, k_pos_ref[rows][None, :], k_seg_ref[rows][None, :], window=window,
                        sink_tokens=sink_tokens) if masked else None
-        scores = _where(mask, _scores(q_blocks, k_refs, rows, scale), MASKED)
+        scores = where_visible(mask, _scores(q_blocks, k_refs, rows, scale), MASKED)
         new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
-        probs = _where(mask, jnp.exp(scores - new_max[:, None]), 0.0)
+        probs = where_visible(mask, jnp.exp(scores - new_max[:, None]), 0.0)
         rescale = jnp.exp(running_max - new_max)
         v = v_ref[rows, :]
         acc = acc * rescale[:, None] + dot(probs.astype(v.dtype), v)
@@ -115,7 +109,7 @@ def _dq_kernel(count_ref, interior_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_re
         rows = _rows(list_ref[t], block_k)
         mask = visible(q_pos, q_seg, k_pos_ref[rows][None, :], k_seg_ref[rows][None, :], window=window,
                        sink_tokens=sink_tokens) if masked else None
-        probs = _where(mask, jnp.exp(_scores(q_blocks, k_refs, rows, scale) - lse), 0.0)
+        probs = where_visible(mask, jnp.exp(_scores(q_blocks, k_refs, rows, scale) - lse), 0.0)
         dscores = probs * (dot_nt(do, v_ref[rows, :]) - delta)
         return tuple(g + dot(dscores.astype(k_ref.dtype), k_ref[rows, :]) for g, k_ref in zip(grads, k_refs))
 
@@ -140,7 +134,7 @@ def _dkv_kernel(count_ref, interior_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_r
                        sink_tokens=sink_tokens) if masked else None
         q_blocks = [ref[rows, :] for ref in q_refs]
         scores = sum(dot_nt(q, k) for q, k in zip(q_blocks, k_blocks)) * scale
-        probs = _where(mask, jnp.exp(scores - lse_ref[rows][:, None]), 0.0)
+        probs = where_visible(mask, jnp.exp(scores - lse_ref[rows][:, None]), 0.0)
         do = do_ref[rows, :]
         dv = dv + dot_tn(probs.astype(do.dtype), do)
         dscores = (probs * (dot_nt(do, v) - delta_ref[rows][:, None])).astype(do.dtype)

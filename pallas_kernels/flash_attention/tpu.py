@@ -27,9 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from zoo.pallas_kernels.flash_attention.masking import visible
-from zoo.pallas_kernels.tiles import F32, dot, dot_nt, dot_tn
+from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt, dot_tn, where_visible
 
-MASKED = -1e30
 BLOCKS = (128, 128, 128, 128)  # forward (q, k), backward (q, k); untuned: no TPU has run these kernels yet
 
 
@@ -54,10 +53,6 @@ def _mask(q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, window, sink_tokens, maske
                    sink_tokens=sink_tokens)
 
 
-def _where(mask, x, fill):
-    return x if mask is None else jnp.where(mask, x, fill)
-
-
 def _forward_kernel(counts_ref, interiors_ref, lists_ref, sink_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref,
                     *refs, parts, scale, window, sink_tokens, has_sink):
     q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
@@ -76,10 +71,10 @@ def _forward_kernel(counts_ref, interiors_ref, lists_ref, sink_ref, q_pos_ref, q
 
     def step(masked):
         mask = _mask(q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, window, sink_tokens, masked)
-        scores = _where(mask, sum(dot_nt(q[...], k[...]) for q, k in zip(q_refs, k_refs)) * scale, MASKED)
+        scores = where_visible(mask, sum(dot_nt(q[...], k[...]) for q, k in zip(q_refs, k_refs)) * scale, MASKED)
         running_max = max_ref[...]
         new_max = jnp.maximum(running_max, jnp.max(scores, axis=1, keepdims=True))
-        probs = _where(mask, jnp.exp(scores - new_max), 0.0)
+        probs = where_visible(mask, jnp.exp(scores - new_max), 0.0)
         rescale = jnp.exp(running_max - new_max)
         v = v_ref[...]
         acc_ref[...] = acc_ref[...] * rescale + dot(probs.astype(v.dtype), v)
@@ -111,7 +106,7 @@ def _dq_kernel(counts_ref, interiors_ref, lists_ref, q_pos_ref, q_seg_ref, k_pos
     def step(masked):
         mask = _mask(q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, window, sink_tokens, masked)
         scores = sum(dot_nt(q[...], k[...]) for q, k in zip(q_refs, k_refs)) * scale
-        probs = _where(mask, jnp.exp(scores - lse_ref[...]), 0.0)
+        probs = where_visible(mask, jnp.exp(scores - lse_ref[...]), 0.0)
         dscores = probs * (dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
         for acc, k in zip(acc_refs, k_refs):
             acc[...] += dot(dscores.astype(k.dtype), k[...])
@@ -140,7 +135,7 @@ def _dkv_kernel(counts_ref, interiors_ref, lists_ref, q_pos_ref, q_seg_ref, k_po
         mask = _mask(q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, window, sink_tokens, masked)
         q_blocks = [q[...] for q in q_refs]
         scores = sum(dot_nt(q, k[...]) for q, k in zip(q_blocks, k_refs)) * scale
-        probs = _where(mask, jnp.exp(scores - lse_ref[...]), 0.0)
+        probs = where_visible(mask, jnp.exp(scores - lse_ref[...]), 0.0)
         do = do_ref[...]
         dv_acc[...] += dot_tn(probs.astype(do.dtype), do)
         dscores = (probs * (dot_nt(do, v_ref[...]) - delta_ref[...])).astype(do.dtype)

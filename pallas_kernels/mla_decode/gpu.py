@@ -21,10 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from zoo.pallas_kernels.tiles import dot, dot_nt
+from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt
 
-F32 = jnp.float32
-MASKED = -1e30  # finite, so a split with no valid slot gives weight exp(MASKED - max) = 0, not NaN
 # `python bench/attention_kernels.py --sweep` (B128, 8K context, 128 heads, R 512, bf16, H100): 32 heads
 # per program, 64-slot blocks, 4 warps 1.11 ms; 64 heads 1.28 ms (8 warps) / 2.93 ms (4: the float32
 # accumulator [64, 512] spills); 16 heads 1.60 ms.

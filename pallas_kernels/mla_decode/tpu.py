@@ -24,9 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from zoo.pallas_kernels.tiles import F32, dot, dot_nt
-
-MASKED = -1e30  # finite, so a split with no valid slot gives weight exp(MASKED - max) = 0, not NaN
+from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt
 
 
 def _kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref, max_ref, sum_ref,
