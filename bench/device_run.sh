@@ -8,6 +8,8 @@
 #   bench/device_run.sh attention  the attention kernel tests compiled on the GPU, bench/flash_attention.py (cuDNN,
 #                                  torch SDPA peers), bench/attention_kernels.py (MLA decode), bench/decode_speed.py;
 #                                  PARTS="tests flash mla generate" picks a subset, FLASH_ARGS / MLA_ARGS=--sweep add tiles
+#   bench/device_run.sh convert    the Hugging Face golden fixtures (tests/fixtures/hf, written to $OUT/fixtures) and
+#                                  the live zoo-vs-transformers parity check (torch + transformers are on the image)
 # .whl (git-ignored through .git/info/exclude): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 tensorboardX==2.6.5
@@ -48,6 +50,12 @@ case "${1:-bench}" in
       --out "$OUT/attention_kernels.jsonl" 2>&1 | tee "$OUT/attention_kernels.log"
     [[ $parts == *" generate "* ]] && (cd /tmp && python3 "$repo/bench/decode_speed.py" --out "$OUT/decode_speed.jsonl" 2>&1) \
       | tee "$OUT/decode_speed.log" ;;
+  convert)
+    repo=$PWD
+    # One archive: a call brings back only a few files.
+    (cd /tmp && python3 "$repo/tests/fixtures/hf/make_fixtures.py" --out /tmp/fixtures 2>&1) | tee "$OUT/fixtures.log"
+    tar czf "$OUT/hf_fixtures.tgz" -C /tmp/fixtures .
+    (cd /tmp && python3 "$repo/tests/fixtures/hf/make_fixtures.py" --live "$OUT" 2>&1) | tee "$OUT/hf_parity.log" ;;
   impl-train)
     for impl in xla pallas; do
       (cd /tmp && python3 -m zoo.cli train --preset "${PRESET:-mamba2-hybrid-125m}" --steps "${STEPS:-100}" --batch-size 16 \

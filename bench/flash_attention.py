@@ -10,6 +10,9 @@ for a window, a boolean mask (SDPA has no window argument; the mask sends it to 
 backend). MLA prefill: q/k 128 no-RoPE + 64 RoPE features (one shared RoPE key), v 128, against cuDNN and SDPA
 on the same scores with the RoPE key broadcast to every head and q/k concatenated to 192. Timing: two untimed
 calls, then the median of `--repeats` groups of 10 calls. Forward+backward = gradients of sum(o * w).
+For full causal attention, JAX's own Mosaic GPU (Hopper wgmma, FA3-style) example kernel
+(jax.experimental.pallas.ops.gpu.attention_mgpu, causal only: no window, no segments; float16 only) is timed
+too, the best of its 64 x {64, 128} tiles: what Pallas reaches on this GPU without Triton.
 """
 
 from __future__ import annotations
@@ -91,6 +94,29 @@ def torch_fns(q, k, v, w, window, scale):
     return forward, forward_backward
 
 
+def mosaic_gpu_forward(q, k, v, repeats) -> dict:
+    """The fastest of JAX's Mosaic GPU example kernel's tiles, causal forward (or why it did not run)."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+    except ImportError as error:
+        return {"mosaic_gpu_error": f"ImportError: {error}"}
+    q, k, v = (x.astype(jnp.float16) for x in (q, k, v))  # the example kernel takes float16 only
+    best, errors = None, []
+    for block_kv in (128, 64):
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+        try:
+            ms = 1e3 * time_jax(jax.jit(lambda q, k, v, c=config: attention_mgpu.attention(q, k, v, c)), q, k, v,
+                                repeats=repeats)
+        except Exception as error:  # noqa: BLE001 - reported: the example kernel refuses some CUDA versions
+            errors.append(f"block_kv {block_kv}: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, block_kv)
+    if best is None:
+        return {"mosaic_gpu_error": "; ".join(errors)}
+    return {"mosaic_gpu_fwd_ms": best[0], "mosaic_gpu_blocks": [64, best[1]]}
+
+
 def attention_flops(batch, length, heads, dim_qk, dim_v, window):
     visible = length * (length + 1) / 2 if window is None else window * length - window * (window - 1) / 2
     return 2 * batch * heads * visible * (dim_qk + dim_v)
@@ -124,6 +150,8 @@ def measure(case, repeats, peers=True):
         record["err_vs_cudnn"] = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
     except Exception as error:  # noqa: BLE001 - a shape cuDNN refuses is reported, not fatal
         record["cudnn_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    if window is None and not shared_rope:
+        record.update(mosaic_gpu_forward(q, k, v, repeats))
     try:
         t_forward, t_forward_backward = torch_fns(q, k, v, w, window, scale)
         record["torch_sdpa_fwd_ms"] = 1e3 * time_torch(t_forward, repeats)
@@ -140,6 +168,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep without the peer comparison")
+    parser.add_argument("--full-causal-only", action="store_true", help="only the first case (MHA, full causal)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
@@ -172,6 +201,7 @@ def main():
     else:
         cases = [base, {**base, "window": length // 8}, {**base, "kv_heads": 4}, {**base, "kv_heads": 4, "window": length // 8},
                  {**base, "dims": (128, 64)}]  # the last: MLA prefill, 128 + 64 RoPE (shared key), v 128
+        cases = cases[:1] if args.full_causal_only else cases
     for case in cases:
         emit(measure(case, args.repeats))
     if args.out:

@@ -31,7 +31,7 @@ from flax import struct
 from zoo.errors import ConfigError
 from zoo.layers.kv_cache import EmptyCache, SlotCache
 from zoo.layers.params import constrain, weight
-from zoo.layers.rope import apply_rope
+from zoo.layers.rope import RopeScaling, apply_rope
 from zoo.pallas_kernels.dispatch import IMPLS
 from zoo.pallas_kernels.flash_attention import flash_attention
 from zoo.pallas_kernels.flash_attention.masking import visible
@@ -46,12 +46,16 @@ class AttentionConfig:
     head_dim: int
     rope_base: float = 10000.0
     rotary_dim: int | None = None  # partial RoPE: rotate only this many leading features
+    rope_scaling: RopeScaling | None = None  # long-context frequency scaling (linear, llama3, yarn)
     window: int | None = None  # sliding window length (query sees positions p-window+1 .. p)
     sink_tokens: int = 0  # StreamingLLM: first positions every query keeps seeing
     sink_logits: bool = False  # learned per-head sink logit in the softmax denominator
     shared_kv_source: int | None = None  # MixAttention: reuse this earlier layer's K/V
     qkv_bias: bool = False
     impl: str = "auto"  # training / prefill attention: "auto" (Pallas on GPUs), "xla", "pallas", "interpret"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rope_scaling", RopeScaling.coerce(self.rope_scaling))
 
     def validate(self, field: str) -> None:
         for name in ("num_heads", "num_kv_heads", "head_dim"):
@@ -73,11 +77,13 @@ class AttentionConfig:
         rotary = self.head_dim if self.rotary_dim is None else self.rotary_dim
         if not 0 < rotary <= self.head_dim or rotary % 2:
             raise ConfigError(f"{field}.rotary_dim", f"must be even and in (0, {self.head_dim}], got {rotary}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(f"{field}.rope_scaling")
 
     def kv_layout(self) -> dict:
         """What a layer reading this layer's K/V must agree with: cache shape, window, and the RoPE
         its (already rotated) keys carry."""
-        names = ("num_kv_heads", "head_dim", "window", "sink_tokens", "rope_base", "rotary_dim")
+        names = ("num_kv_heads", "head_dim", "window", "sink_tokens", "rope_base", "rotary_dim", "rope_scaling")
         return {name: getattr(self, name) for name in names}
 
 
@@ -158,11 +164,15 @@ class Attention(nn.Module):
             y = y + bias.astype(self.dtype)
         return y
 
+    def _rope(self, x, positions):
+        cfg = self.config
+        return apply_rope(x, positions, base=cfg.rope_base, rotary_dim=cfg.rotary_dim, scaling=cfg.rope_scaling)
+
     @nn.compact
     def __call__(self, x, *, positions, segment_ids, cache=None, shared_kv: KVView | None = None, return_kv=False):
         cfg = self.config
         x = x.astype(self.dtype)
-        q = apply_rope(self._project("q_proj", x, cfg.num_heads, "heads"), positions, base=cfg.rope_base, rotary_dim=cfg.rotary_dim)
+        q = self._rope(self._project("q_proj", x, cfg.num_heads, "heads"), positions)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
         if cfg.shared_kv_source is not None:
@@ -170,7 +180,7 @@ class Attention(nn.Module):
                 raise ValueError(f"this layer reads layer {cfg.shared_kv_source}'s KV but no shared_kv was passed")
             view, new_cache = shared_kv, cache
         else:
-            k = apply_rope(self._project("k_proj", x, cfg.num_kv_heads, "kv_heads"), positions, base=cfg.rope_base, rotary_dim=cfg.rotary_dim)
+            k = self._rope(self._project("k_proj", x, cfg.num_kv_heads, "kv_heads"), positions)
             v = self._project("v_proj", x, cfg.num_kv_heads, "kv_heads")
             k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))

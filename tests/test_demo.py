@@ -33,7 +33,7 @@ def test_demo_trains_saves_and_generates(tmp_path, capsys):
     result = run_demo(settings, tmp_path / "run")
     assert result["heldout_loss"] < result["initial_loss"] - 1.0  # from ~ln(320) = 5.8 nats/byte
     assert result["sample"].startswith("def ") and len(result["sample"]) > 4
-    config, _, tokenizer, step = load_model(tmp_path / "run")
+    config, _, tokenizer, step = load_model(tmp_path / "run")[:4]
     assert config.vocab_size == ByteTokenizer.padded_vocab_size and step == 40
     assert isinstance(tokenizer, ByteTokenizer)
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000

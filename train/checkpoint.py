@@ -6,6 +6,8 @@ holding everything needed to resume or to use the model:
   model_config  the ModelConfig as JSON (rebuilds the model with nothing else)
   tokenizer     the tokenizer as JSON (byte-level, or the whole Hugging Face tokenizer.json)
   progress      the train config, the data iterator's position and the last metrics
+  origin        (models converted from Hugging Face) the original config.json and side files, which
+                `zoo convert` needs to export the model back
 
 Saves are asynchronous (training continues while the previous step is written) and atomic: Orbax
 writes to a temporary directory and renames it when complete, so a run killed mid-save resumes from
@@ -15,6 +17,7 @@ the last complete checkpoint. Old steps beyond `keep` are deleted.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,8 +28,8 @@ from zoo.tokenizer import Tokenizer, tokenizer_from_dict
 from zoo.train.mesh import LOGICAL_RULES, param_shardings
 from zoo.train.step import boxed_abstract_params
 
-ITEMS = ("params", "optimizer", "model_config", "tokenizer", "progress")
-_JSON_ITEMS = ("model_config", "tokenizer", "progress")
+ITEMS = ("params", "optimizer", "model_config", "tokenizer", "progress", "origin")
+_JSON_ITEMS = ("model_config", "tokenizer", "progress", "origin")
 
 
 class Checkpoints:
@@ -46,25 +49,30 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, model_config: ModelConfig, tokenizer: Tokenizer, progress: dict) -> None:
+    def save(self, step: int, state, model_config: ModelConfig, tokenizer: Tokenizer, progress: dict,
+             origin: dict | None = None) -> None:
         """Starts an asynchronous save of the TrainState `state` at `step`. The arrays are copied
         off the devices before it returns, so the caller may donate them to the next step."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                model_config=ocp.args.JsonSave(model_config.to_dict()),
-                tokenizer=ocp.args.JsonSave(tokenizer.to_dict()),
-                progress=ocp.args.JsonSave(progress),
-            ),
-            force=True,
-        )
+        self._save(step, model_config, tokenizer, progress, origin, params=ocp.args.StandardSave(state.params),
+                   optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}))
+
+    def save_model(self, step: int, params, model_config: ModelConfig, tokenizer: Tokenizer, progress: dict,
+                   origin: dict | None = None) -> None:
+        """A model without optimizer state (a converted checkpoint): loadable, not resumable as a run."""
+        self._save(step, model_config, tokenizer, progress, origin, params=ocp.args.StandardSave(params))
+
+    def _save(self, step, model_config, tokenizer, progress, origin, **arrays) -> None:
+        items = dict(arrays, model_config=ocp.args.JsonSave(model_config.to_dict()),
+                     tokenizer=ocp.args.JsonSave(tokenizer.to_dict()), progress=ocp.args.JsonSave(progress))
+        if origin is not None:
+            items["origin"] = ocp.args.JsonSave(origin)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def read_json(self, step: int) -> dict:
-        """model_config, tokenizer and progress of one step (no arrays are read)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(**{k: ocp.args.JsonRestore() for k in _JSON_ITEMS}))
-        return {k: out[k] for k in _JSON_ITEMS}
+        """model_config, tokenizer, progress and origin (None when not saved) of one step; no arrays are read."""
+        saved = [k for k in _JSON_ITEMS if (self.directory / str(step) / k).is_dir()]
+        out = self.manager.restore(step, args=ocp.args.Composite(**{k: ocp.args.JsonRestore() for k in saved}))
+        return {k: out[k] if k in saved else None for k in _JSON_ITEMS}
 
     def restore_state(self, step: int, abstract_state):
         """The TrainState of `step`, placed as `abstract_state`'s ShapeDtypeStructs say (their
@@ -99,9 +107,23 @@ def locate(directory: str | Path) -> tuple[Path, int]:
     raise FileNotFoundError(f"{path} holds no zoo checkpoint (expected checkpoints/<step>/params inside)")
 
 
-def load_model(directory: str | Path, mesh: Mesh | None = None, rules=LOGICAL_RULES):
-    """(ModelConfig, params, tokenizer, step) from a run, checkpoints or step directory, with the
-    params placed on `mesh` by the logical rules (default: the first local device)."""
+class LoadedModel(NamedTuple):
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    step: int  # 0 for a Hugging Face checkpoint
+    origin: dict | None  # the Hugging Face files a converted model came from (HFOrigin.to_dict())
+
+
+def load_model(directory: str | Path, mesh: Mesh | None = None, rules=LOGICAL_RULES) -> LoadedModel:
+    """The model in a run, checkpoints or step directory, or in a Hugging Face checkpoint directory
+    (converted on the fly), with the params placed on `mesh` by the logical rules (default: the first
+    local device)."""
+    from zoo.convert import import_hf, is_hf_checkpoint
+
+    if is_hf_checkpoint(directory):
+        config, params, tokenizer, origin = import_hf(directory, mesh)
+        return LoadedModel(config, params, tokenizer, 0, origin.to_dict())
     root, step = locate(directory)
     checkpoints = Checkpoints(root, read_only=True)
     meta = checkpoints.read_json(step)
@@ -116,4 +138,4 @@ def load_model(directory: str | Path, mesh: Mesh | None = None, rules=LOGICAL_RU
                             boxed, shardings, is_leaf=lambda x: hasattr(x, "names"))
     params = checkpoints.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     checkpoints.close()
-    return config, params["params"], tokenizer_from_dict(meta["tokenizer"]), step
+    return LoadedModel(config, params["params"], tokenizer_from_dict(meta["tokenizer"]), step, meta["origin"])

@@ -86,12 +86,58 @@ def _generate(args) -> int:
     from zoo.generate import Generator, Sampling
     from zoo.train.checkpoint import load_model
 
-    config, params, tokenizer, _ = load_model(args.checkpoint)
+    config, params, tokenizer = load_model(args.checkpoint)[:3]
     generator = Generator(config, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = generator([tokenizer.encode(args.prompt)], args.max_new_tokens, sampling, seed=args.seed)[0]
     print(args.prompt + tokenizer.decode(out))
     return 0
+
+
+def _convert(args) -> int:
+    from zoo.convert import HFOrigin, export_hf, import_hf, is_hf_checkpoint
+    from zoo.model import count_params
+
+    source, out = Path(args.source), Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; pick another --out")
+    if is_hf_checkpoint(source):
+        from zoo.train.checkpoint import Checkpoints
+        from zoo.train.mesh import make_mesh, parse_mesh
+
+        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        config, params, tokenizer, origin = import_hf(source, mesh, param_dtype=args.param_dtype)
+        checkpoints = Checkpoints(out / "checkpoints")
+        checkpoints.save_model(0, params, config, tokenizer, {"converted_from": str(source.absolute())},
+                               origin=origin.to_dict())
+        checkpoints.wait()
+        checkpoints.close()
+        print(f"{source} ({origin.config['model_type']}, {count_params(config):,} parameters, {config.n_layers} layers) "
+              f"-> zoo checkpoint {out}")
+        return 0
+    from zoo.train.checkpoint import load_model
+
+    loaded = load_model(source)
+    origin = HFOrigin.from_dict(loaded.origin) if loaded.origin else None
+    export_hf(loaded.config, loaded.params, out, tokenizer=loaded.tokenizer, origin=origin, dtype=args.dtype,
+              max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"{source} (step {loaded.step}) -> Hugging Face checkpoint {out}")
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """"5GB" -> 5 * 10**9, "2GiB" -> 2 * 2**30, "40KB", "123" (bytes), as Hugging Face's max_shard_size."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    unit = next((u for u in units if upper.endswith(u)), "")
+    number, factor = upper.removesuffix(unit), units.get(unit, 1)
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise ValueError(f"--max-shard-size: {text!r} is not a size such as 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise ValueError(f"--max-shard-size must be positive, got {text!r}")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)
+
+    conv = sub.add_parser(
+        "convert", help="a Hugging Face Llama / Qwen2 / Mistral checkpoint to a zoo checkpoint, or a zoo checkpoint back",
+        description="The direction follows SOURCE: a Hugging Face directory (config.json + safetensors + "
+                    "tokenizer.json) becomes a zoo checkpoint directory; a zoo run, checkpoints or step directory "
+                    "becomes a Hugging Face directory (uniform attention transformers only).")
+    conv.add_argument("source")
+    conv.add_argument("--out", required=True, help="new or empty output directory")
+    conv.add_argument("--mesh", help="import: place the params on this mesh as they are read, e.g. fsdp=8")
+    conv.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="import: the dtype zoo keeps the weights in (default float32 master weights)")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                      help="export: the stored dtype (default: the original checkpoint's, else float32)")
+    conv.add_argument("--max-shard-size", default="5GB", help="export: largest safetensors file (default 5GB)")
+    conv.set_defaults(run=_convert)
     return parser
 
 

@@ -38,7 +38,7 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, log=print) -> dict:
     log(f"held-out loss: {result.initial_heldout_loss:.3f} -> {result.heldout_loss:.3f} nats/byte "
         f"({result.heldout_loss / 0.6931471805599453:.3f} bits/byte); loss curve: {result.run_dir / 'loss_curve.png'}")
 
-    config, params, tokenizer, _ = load_model(result.checkpoint)
+    config, params, tokenizer = load_model(result.checkpoint)[:3]
     generator = Generator(config, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     sample = generator([tokenizer.encode(settings.prompt)], settings.sample_tokens,
                        Sampling(temperature=0.8, top_k=40), seed=settings.seed)[0]
