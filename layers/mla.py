@@ -61,6 +61,15 @@ class MLAConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     impl: str = "auto"  # prefill attention and decode kernels: "auto" (Pallas on GPUs), "xla", "pallas", "interpret"
+    # RMSNorm on the latent (DeepSeek-V2). Off in models converted from GQA, whose keys and values are linear in x.
+    kv_norm: bool = True
+    # One inverse frequency per RoPE pair (qk_rope_head_dim / 2); None: rope_base's geometric series. Set by
+    # conversion from GQA, where the shared RoPE key carries pairs of the source's heads at their own frequencies.
+    rope_frequencies: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.rope_frequencies is not None:  # JSON gives a list; configs must stay hashable
+            object.__setattr__(self, "rope_frequencies", tuple(float(f) for f in self.rope_frequencies))
 
     def validate(self, field: str) -> None:
         if self.impl not in IMPLS:
@@ -72,6 +81,9 @@ class MLAConfig:
             raise ConfigError(f"{field}.qk_rope_head_dim", f"must be even for RoPE, got {self.qk_rope_head_dim}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"{field}.q_lora_rank", f"must be positive or null, got {self.q_lora_rank}")
+        if self.rope_frequencies is not None and len(self.rope_frequencies) * 2 != self.qk_rope_head_dim:
+            raise ConfigError(f"{field}.rope_frequencies", f"needs qk_rope_head_dim / 2 = {self.qk_rope_head_dim // 2} "
+                                                           f"entries, got {len(self.rope_frequencies)}")
 
     @property
     def shards(self) -> int:
@@ -177,18 +189,18 @@ class MLA(nn.Module):
         else:
             q = jnp.einsum("btd,dhk->bthk", x, self._w("q_proj", (self.d_model, heads, qk_dim), ("embed", "heads", "head_dim")))
         q_nope = q[..., :nope]
-        q_pe = apply_rope(q[..., nope:], positions, base=cfg.rope_base)
+        q_pe = self._rope(q[..., nope:], positions)
 
         kv_down = self._w("kv_down", (self.d_model, rank + rope_dim), ("embed", "latent"))
-        kv_norm = self._w("kv_norm", (rank,), ("latent",), init=nn.initializers.ones)
+        kv_norm = self._w("kv_norm", (rank,), ("latent",), init=nn.initializers.ones) if cfg.kv_norm else None
         k_up = self._w("k_up", (rank, heads, nope), ("latent", "heads", "head_dim"))
         v_up = self._w("v_up", (rank, heads, cfg.v_head_dim), ("latent", "heads", "head_dim"))
         o_proj = self._w("o_proj", (heads, cfg.v_head_dim, self.d_model), ("heads", "head_dim", "embed"), fan_in_axes=2)
         transform = self._latent_transform()
 
         compressed = x @ kv_down
-        c = rms_norm(compressed[..., :rank], kv_norm, cfg.norm_eps)
-        k_pe = apply_rope(compressed[..., None, rank:], positions, base=cfg.rope_base)[:, :, 0]
+        c = compressed[..., :rank] if kv_norm is None else rms_norm(compressed[..., :rank], kv_norm, cfg.norm_eps)
+        k_pe = self._rope(compressed[..., None, rank:], positions)[:, :, 0]
         scale = qk_dim**-0.5
 
         stored = None if cache is None else (c if transform is None else c @ transform)
@@ -219,6 +231,9 @@ class MLA(nn.Module):
             positions[:, 0] + 1, v_up.reshape(shards, rank // shards, heads, cfg.v_head_dim), scale=scale, impl=cfg.impl,
         )
         return jnp.einsum("bhv,hvd->bd", out.astype(self.dtype), o_proj)[:, None], new_cache
+
+    def _rope(self, x, positions):
+        return apply_rope(x, positions, base=self.config.rope_base, frequencies=self.config.rope_frequencies)
 
     def _entries(self, stored_c, k_pe):
         shards = self.config.shards

@@ -105,13 +105,22 @@ def rope_attention_factor(scaling: RopeScaling | None) -> float:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, rotary_dim: int | None = None,
-               scaling: RopeScaling | None = None) -> jax.Array:
-    """Rotate x [B, T, heads, D] by positions [B, T]; features past `rotary_dim` pass through."""
+               scaling: RopeScaling | None = None, frequencies=None) -> jax.Array:
+    """Rotate x [B, T, heads, D] by positions [B, T]; features past `rotary_dim` pass through.
+
+    `frequencies` (rotary_dim / 2 inverse frequencies, one per rotated pair) replaces the geometric
+    series of `base`: a model converted to MLA keeps the frequencies its source's RoPE pairs had."""
     head_dim = x.shape[-1]
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
     if not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim must be in (0, {head_dim}], got {rotary_dim}")
-    angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(rotary_dim, base, scaling)
+    if frequencies is None:
+        inv_freq = rope_inverse_frequencies(rotary_dim, base, scaling)
+    else:
+        inv_freq = jnp.asarray(frequencies, jnp.float32)
+        if inv_freq.shape != (rotary_dim // 2,):
+            raise ValueError(f"{inv_freq.shape[0]} frequencies given for {rotary_dim} rotated features")
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     magnitude = rope_attention_factor(scaling)
     cos = (jnp.cos(angles) * magnitude)[:, :, None, :]
     sin = (jnp.sin(angles) * magnitude)[:, :, None, :]

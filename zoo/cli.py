@@ -97,31 +97,48 @@ def _generate(args) -> int:
 def _convert(args) -> int:
     from zoo.convert import HFOrigin, export_hf, import_hf, is_hf_checkpoint
     from zoo.model import count_params
+    from zoo.train.checkpoint import Checkpoints, load_model
 
     source, out = Path(args.source), Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick another --out")
-    if is_hf_checkpoint(source):
-        from zoo.train.checkpoint import Checkpoints
-        from zoo.train.mesh import make_mesh, parse_mesh
-
-        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-        config, params, tokenizer, origin = import_hf(source, mesh, param_dtype=args.param_dtype)
-        checkpoints = Checkpoints(out / "checkpoints")
-        checkpoints.save_model(0, params, config, tokenizer, {"converted_from": str(source.absolute())},
-                               origin=origin.to_dict())
-        checkpoints.wait()
-        checkpoints.close()
-        print(f"{source} ({origin.config['model_type']}, {count_params(config):,} parameters, {config.n_layers} layers) "
-              f"-> zoo checkpoint {out}")
+    to_mla = args.mla_rank is not None
+    if not (is_hf_checkpoint(source) or to_mla):  # zoo -> Hugging Face
+        loaded = load_model(source)
+        origin = HFOrigin.from_dict(loaded.origin) if loaded.origin else None
+        export_hf(loaded.config, loaded.params, out, tokenizer=loaded.tokenizer, origin=origin, dtype=args.dtype,
+                  max_shard_bytes=parse_size(args.max_shard_size))
+        print(f"{source} (step {loaded.step}) -> Hugging Face checkpoint {out}")
         return 0
-    from zoo.train.checkpoint import load_model
+    from zoo.train.mesh import make_mesh, parse_mesh
 
-    loaded = load_model(source)
-    origin = HFOrigin.from_dict(loaded.origin) if loaded.origin else None
-    export_hf(loaded.config, loaded.params, out, tokenizer=loaded.tokenizer, origin=origin, dtype=args.dtype,
-              max_shard_bytes=parse_size(args.max_shard_size))
-    print(f"{source} (step {loaded.step}) -> Hugging Face checkpoint {out}")
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+    if is_hf_checkpoint(source):
+        config, params, tokenizer, origin = import_hf(source, mesh, param_dtype=args.param_dtype)
+        origin = origin.to_dict()
+    else:
+        config, params, tokenizer, _, origin = load_model(source, mesh)
+    reports = None
+    if to_mla:
+        from zoo.mla_conversion import MLAConversion, convert_model
+
+        conversion = MLAConversion(rank=args.mla_rank or None, rope_pairs=args.rope_pairs, keep=args.rope_keep,
+                                   tp=args.tpla)
+        config, params, reports = convert_model(config, params, conversion)
+        origin = None  # an MLA model has no Hugging Face form to export back to
+    checkpoints = Checkpoints(out / "checkpoints")
+    checkpoints.save_model(0, params, config, tokenizer, {"converted_from": str(source.absolute())}, origin=origin)
+    checkpoints.wait()
+    checkpoints.close()
+    print(f"{source} -> zoo checkpoint {out} ({count_params(config):,} parameters, {config.n_layers} layers)")
+    if reports:
+        import json
+
+        (out / "mla_conversion.json").write_text(json.dumps(reports, indent=2) + "\n")
+        first = reports[0]
+        print(f"MLA: {len(reports)} layers at rank {first['rank']} (of {first['full_rank']}), cache per token and layer "
+              f"{first['cache_per_token']} values (was {first['source_cache_per_token']}); K/V energy kept "
+              f"{min(r['kv_energy_kept'] for r in reports):.4f}-{max(r['kv_energy_kept'] for r in reports):.4f}")
     return 0
 
 
@@ -197,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="a Hugging Face Llama / Qwen2 / Mistral checkpoint to a zoo checkpoint, or a zoo checkpoint back",
         description="The direction follows SOURCE: a Hugging Face directory (config.json + safetensors + "
                     "tokenizer.json) becomes a zoo checkpoint directory; a zoo run, checkpoints or step directory "
-                    "becomes a Hugging Face directory (uniform attention transformers only).")
+                    "becomes a Hugging Face directory (uniform attention transformers only). With --mla-rank, "
+                    "either source becomes a zoo checkpoint whose attention layers are MLA (MHA2MLA-style).")
     conv.add_argument("source")
     conv.add_argument("--out", required=True, help="new or empty output directory")
     conv.add_argument("--mesh", help="import: place the params on this mesh as they are read, e.g. fsdp=8")
@@ -206,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                       help="export: the stored dtype (default: the original checkpoint's, else float32)")
     conv.add_argument("--max-shard-size", default="5GB", help="export: largest safetensors file (default 5GB)")
+    conv.add_argument("--mla-rank", type=int, metavar="RANK",
+                      help="convert the attention layers to MLA with this latent rank (0: full rank, exact apart "
+                           "from the RoPE pairs dropped); the output is a zoo checkpoint")
+    conv.add_argument("--rope-pairs", type=int, default=4, help="MLA: RoPE pairs kept per KV head (default 4)")
+    conv.add_argument("--rope-keep", default="high", choices=("high", "norm"),
+                      help="MLA: keep the highest-frequency pairs, or those with the largest q/k weight norms")
+    conv.add_argument("--tpla", type=int, metavar="TP", help="MLA: make the layers TPLA with TP latent shards")
     conv.set_defaults(run=_convert)
     return parser
 
