@@ -112,6 +112,8 @@ def test_bfloat16_export_round_trips_and_shards(tmp_path):
 
 
 def test_loads_onto_a_mesh_shard_by_shard():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (the CPU run fakes them; a one-GPU run has one)")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     config, on_mesh, _, _ = import_hf(FIXTURES / "mistral", mesh, progress=False)
     gate = on_mesh["layer_0"]["mlp"]["gate"]  # [embed, mlp] -> (fsdp, tensor)

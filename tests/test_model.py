@@ -17,8 +17,10 @@ def tiny(family, **changes):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-# TPLA decode approximates MLA by design; tests/test_mla.py bounds that error.
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"tpla"}))
+# TPLA decode approximates MLA by design; tests/test_mla.py bounds that error. The pure Gated DeltaNet stack is
+# slow: gdn-h1 and gdn-h2 decode the same mixer in CI.
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "gdn" else f
+                                    for f in sorted(set(FAMILIES) - {"tpla"})])
 def test_decode_matches_forward_for_every_preset(family, dtype, rng):
     config = tiny(family, dtype=dtype)
     params = init_params(config, jax.random.key(int(rng.integers(1 << 30))))
