@@ -142,6 +142,27 @@ def _convert(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from zoo.train.data import DataConfig
+    from zoo.train.distill import DistillConfig, distill
+    from zoo.train.optim import OptimConfig
+
+    def numbers(text):
+        return tuple(int(x) for x in text.split(",")) if text else ()
+
+    data = DataConfig(source=args.data, eval_source=args.eval_data or "", seq_len=args.seq_len)
+    config = DistillConfig(
+        teacher=args.teacher, student_pattern=args.student_pattern or "", window=args.window, mla_rank=args.mla_rank,
+        rope_pairs=args.rope_pairs, stages=tuple(args.stages.split(",")), stage_steps=numbers(args.stage_steps),
+        temperature=args.temperature, top_k=args.top_k, ce_weight=args.ce_weight, kl_trainable=args.kl_trainable,
+        batch_size=args.batch_size, seed=args.seed, mesh=args.mesh or "", log_every=args.log_every,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, data=data,
+        optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps))
+    out = Path(args.out) if args.out else Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
+    distill(config, out)
+    return 0
+
+
 def parse_size(text: str) -> int:
     """"5GB" -> 5 * 10**9, "2GiB" -> 2 * 2**30, "40KB", "123" (bytes), as Hugging Face's max_shard_size."""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
@@ -232,6 +253,37 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MLA: keep the highest-frequency pairs, or those with the largest q/k weight norms")
     conv.add_argument("--tpla", type=int, metavar="TP", help="MLA: make the layers TPLA with TP latent shards")
     conv.set_defaults(run=_convert)
+
+    dis = sub.add_parser(
+        "distill", help="distill a transformer checkpoint into a hybrid or an MLA model, in stages",
+        description="Stages (MOHAWK): mixer = each replaced layer's mixer against the teacher's on the teacher's "
+                    "inputs; block = each replaced block likewise; kl = the whole student against the teacher's "
+                    "logits. Re-running with the same --out resumes from the latest checkpoint.")
+    dis.add_argument("--teacher", required=True, help="zoo checkpoint (run / step directory) or Hugging Face directory")
+    dis.add_argument("--student-pattern", help="a letter per layer, repeated to the depth: A keep attention, S sliding "
+                                               "window (--window), M Mamba-2, G Gated DeltaNet, R RetNet; e.g. GGGS")
+    dis.add_argument("--window", type=int, help="the window of S layers")
+    dis.add_argument("--mla-rank", type=int, help="instead of a pattern: every attention layer to MLA (0: full rank)")
+    dis.add_argument("--rope-pairs", type=int, default=4, help="MLA: RoPE pairs kept per KV head")
+    dis.add_argument("--stages", default="mixer,block,kl")
+    dis.add_argument("--stage-steps", default="100,100,400", help="steps of each stage, comma-separated")
+    dis.add_argument("--temperature", type=float, default=1.0)
+    dis.add_argument("--top-k", type=int, help="kl stage: only the teacher's top-k logits")
+    dis.add_argument("--ce-weight", type=float, default=0.0, help="kl stage: weight of the data's cross-entropy")
+    dis.add_argument("--kl-trainable", default="all", choices=("all", "replaced"))
+    dis.add_argument("--data", default="stdlib", help="as zoo train --data")
+    dis.add_argument("--eval-data", help="held-out data (default: the source's validation split or its tail)")
+    dis.add_argument("--seq-len", type=int, default=256)
+    dis.add_argument("--batch-size", type=int, default=16)
+    dis.add_argument("--lr", type=float, default=1e-3)
+    dis.add_argument("--warmup-steps", type=int, default=20)
+    dis.add_argument("--mesh", help="device mesh, e.g. fsdp=8 (teacher and student share it)")
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--log-every", type=int, default=10)
+    dis.add_argument("--eval-every", type=int, default=100)
+    dis.add_argument("--checkpoint-every", type=int, default=200)
+    dis.add_argument("--out", help="run directory (default runs/distill-TIMESTAMP)")
+    dis.set_defaults(run=_distill)
     return parser
 
 
