@@ -40,7 +40,8 @@ from zoo.model import Block, DecoderLM, count_params, decode_state_bytes
 from zoo.train import data as data_lib
 from zoo.train.checkpoint import Checkpoints, load_model
 from zoo.train.distill_losses import alignment_mse, logit_kl
-from zoo.train.mesh import LOGICAL_RULES, data_parallel_size, make_mesh, param_shardings, parse_mesh
+from zoo.train.mesh import (LOGICAL_RULES, data_parallel_size, host_array, make_mesh, param_shardings,
+                            parse_mesh)
 from zoo.train.metrics import MetricsLog, plot_loss_curve
 from zoo.train.optim import OptimConfig, make_optimizer
 from zoo.train.step import TrainState, boxed_abstract_params, put_batch, token_losses
@@ -287,7 +288,7 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         f"{[l.mixer for l in student_config.layers]} ({count_params(student_config):,} parameters), "
         f"distilled layers {list(replaced)}")
     shardings = param_shardings(boxed_abstract_params(student_config), mesh)
-    params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, student_config.param_dtype), s), host_params,
+    params = jax.tree.map(lambda x, s: jax.device_put(host_array(x).astype(student_config.param_dtype), s), host_params,
                           shardings)
 
     data = data_lib.prepare(config.data, teacher.tokenizer)  # the teacher's tokenizer, whatever data.tokenizer says

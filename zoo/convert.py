@@ -30,6 +30,7 @@ from zoo.layers.attention import AttentionConfig
 from zoo.layers.rope import RopeScaling
 from zoo.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_safetensors_dir
 from zoo.tokenizer import HFTokenizer, Tokenizer
+from zoo.train.mesh import LOGICAL_RULES, host_array, param_shardings
 
 CONFIG_FILE = "config.json"
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -347,7 +348,6 @@ def load_hf_params(config: ModelConfig, directory: str | Path, mesh=None, *, rul
     """The params of `config` from the safetensors in `directory`, each placed (sharded) as the logical rules
     say on `mesh` (default: the first local device). Only one tensor is in host memory at a time, and each
     device receives only its own slice of it."""
-    from zoo.train.mesh import LOGICAL_RULES, param_shardings
     from zoo.train.step import boxed_abstract_params
 
     files = SafetensorsDir(directory)
@@ -421,18 +421,10 @@ def export_hf(config: ModelConfig, params, out: str | Path, *, tokenizer: Tokeni
 
     def tensors():
         for m in tqdm(maps, desc=f"writing {Path(out).name}", unit="tensor", disable=not progress):
-            yield m.hf_name, m.to_hf(_host_array(_get(params, m.zoo_path)).astype(target))
+            yield m.hf_name, m.to_hf(host_array(_get(params, m.zoo_path)).astype(target))
 
     if jax.process_index() == 0:
         return write_safetensors_dir(out, tensors(), extra_files=files, max_shard_bytes=max_shard_bytes)
     for _ in tensors():  # the other hosts take part in gathering each tensor; process 0 writes
         pass
     return Path(out)
-
-
-def _host_array(array) -> np.ndarray:
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)

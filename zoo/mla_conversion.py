@@ -32,6 +32,7 @@ from zoo.errors import ConfigError
 from zoo.layers.attention import AttentionConfig
 from zoo.layers.mla import MLAConfig, TPLAConfig
 from zoo.layers.rope import rope_attention_factor, rope_inverse_frequencies
+from zoo.train.mesh import host_array
 
 ROPE_KEEP = ("high", "norm")
 
@@ -53,8 +54,8 @@ class MLAConversion:
             raise ConfigError("rank", f"must be positive, got {self.rank}")
 
 
-def _check_layer(i: int, a: AttentionConfig, conversion: MLAConversion) -> int:
-    """The source's RoPE pairs per head, after checking the layer converts."""
+def _check_layer(i: int, a: AttentionConfig, conversion: MLAConversion) -> None:
+    """Raise ConfigError unless layer i converts with these settings."""
     field = f"layers[{i}]"
     problems = [name for name, bad in (("q/k/v biases", a.qkv_bias), ("a sliding window", a.window is not None),
                                        ("sink tokens or logits", a.sink_tokens or a.sink_logits),
@@ -66,10 +67,9 @@ def _check_layer(i: int, a: AttentionConfig, conversion: MLAConversion) -> int:
         raise ConfigError("rope_pairs", f"layer {i} has only {pairs} RoPE pairs per head, {conversion.rope_pairs} asked")
     if conversion.rope_pairs == pairs and a.rotary_dim in (None, a.head_dim):
         raise ConfigError("rope_pairs", f"keeping all {pairs} pairs of layer {i} leaves no no-RoPE features; keep fewer")
-    return pairs
 
 
-def _kept_pairs(wq, wk, groups: int, pairs: int, keep_count: int, keep: str) -> list[np.ndarray]:
+def _kept_pairs(wq, wk, pairs: int, keep_count: int, keep: str) -> list[np.ndarray]:
     """Per KV group, the sorted indices of the RoPE pairs that keep their rotation."""
     if keep == "high":  # inverse frequencies fall with the pair index
         return [np.arange(keep_count)] * wk.shape[1]
@@ -86,8 +86,8 @@ def _kept_pairs(wq, wk, groups: int, pairs: int, keep_count: int, keep: str) -> 
 def convert_layer(a: AttentionConfig, p: dict, *, rank: int | None, rope_pairs: int, keep: str, norm_eps: float,
                   index: int = 0) -> tuple[MLAConfig, dict, dict]:
     """(MLAConfig, MLA params, report) for one attention layer's config and params."""
-    wq, wk, wv, wo = (np.asarray(p[n], np.float64) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    dtype = np.asarray(p["q_proj"]).dtype
+    wq, wk, wv, wo = (host_array(p[n]).astype(np.float64) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    dtype = np.dtype(p["q_proj"].dtype)
     d_model, heads, head_dim = wq.shape
     groups = wk.shape[1]
     heads_per_group = heads // groups
@@ -95,7 +95,7 @@ def convert_layer(a: AttentionConfig, p: dict, *, rank: int | None, rope_pairs: 
     pairs = rotary // 2
     inv_freq = np.asarray(rope_inverse_frequencies(rotary, a.rope_base, a.rope_scaling), np.float64)
     magnitude = rope_attention_factor(a.rope_scaling) ** 2  # YaRN scales rotated features' scores
-    kept = _kept_pairs(wq, wk, groups, pairs, rope_pairs, keep)
+    kept = _kept_pairs(wq, wk, pairs, rope_pairs, keep)
 
     rope_width = groups * 2 * rope_pairs
     half = rope_width // 2

@@ -34,6 +34,7 @@ from zoo.layers.attention import AttentionConfig
 from zoo.layers.gated_deltanet import GatedDeltaNetConfig
 from zoo.layers.mamba2 import Mamba2Config
 from zoo.layers.retnet import RetNetConfig
+from zoo.train.mesh import host_array
 
 LETTERS = {"A": "attention", "S": "sliding", "M": "mamba2", "G": "gated_deltanet", "R": "retnet"}
 RECURRENT = ("mamba2", "gated_deltanet", "retnet")
@@ -70,7 +71,7 @@ def init_from_attention(kind: str, a: AttentionConfig, attention: dict, d_model:
     x, ones = jnp.zeros((1, 4, d_model), jnp.float32), jnp.ones((1, 4), jnp.int32)
     variables = module.init(key, x, positions=jnp.arange(4)[None], segment_ids=ones)
     fresh = {name: np.array(value) for name, value in nn.unbox(variables["params"]).items()}
-    wq, wk, wv, wo = (np.asarray(attention[n], np.float32) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    wq, wk, wv, wo = (host_array(attention[n]).astype(np.float32) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     group_of = np.arange(a.num_heads) // (a.num_heads // a.num_kv_heads)
     wk, wv = wk[:, group_of], wv[:, group_of]
     scale = a.head_dim**-0.5
