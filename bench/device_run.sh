@@ -10,7 +10,8 @@
 #                                  PARTS="tests flash mla generate" picks a subset, FLASH_ARGS / MLA_ARGS=--sweep add tiles
 #   bench/device_run.sh distill    a gqa-125m teacher trained by `zoo train` on $DATA (default .whl/data/input.txt, the
 #                                  carried Tiny Shakespeare), distilled by `zoo distill` into 50% Mamba-2 (AM), 75% Gated
-#                                  DeltaNet + sliding-window attention (GGGS) and MLA; bench/distill_table.py -> $OUT
+#                                  DeltaNet + sliding-window attention (GGGS), 50% mLSTM (AX) and MLA;
+#                                  bench/distill_table.py and bench/mla_conversion.py on the teacher -> $OUT
 #   bench/device_run.sh convert    the Hugging Face golden fixtures (tests/fixtures/hf, written to $OUT/fixtures) and
 #                                  the live zoo-vs-transformers parity check (torch + transformers are on the image)
 # .whl (git-ignored through .git/info/exclude): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
@@ -56,25 +57,32 @@ case "${1:-bench}" in
   distill)
     repo=$PWD data=$PWD/${DATA:-.whl/data/input.txt}
     common="--data $data --seq-len 512"
-    echo "teacher start $(date +%T)" > "$OUT/times.txt"
-    (cd /tmp && python3 -m zoo.cli train --preset gqa-125m $common --steps "${TEACHER_STEPS:-400}" --batch-size 32 \
-      --set model.vocab_size=320 --set optim.learning_rate=1e-3 --set eval_every=200 --set checkpoint_every=10000 \
+    started=$(date +%s)
+    (cd /tmp && python3 -m zoo.cli train --preset gqa-125m $common --steps "${TEACHER_STEPS:-150}" --batch-size 32 \
+      --set model.vocab_size=320 --set optim.learning_rate=1e-3 --set eval_every=50 --set checkpoint_every=10000 \
       --set log_every=50 --out /tmp/teacher 2>&1) | tr '\r' '\n' | grep -v "^training: " | tee "$OUT/teacher.log" | tail -3
-    echo "teacher end $(date +%T)" >> "$OUT/times.txt"
+    echo "teacher: $(( $(date +%s) - started )) s" | tee "$OUT/times.txt"
     steps=${STAGE_STEPS:-50,50,300}
     declare -A students=([am]="--student-pattern AM" [gggs]="--student-pattern GGGS --window 128"
-                         [mla]="--mla-rank 128 --rope-pairs 4")
-    # The students run side by side on the one GPU (125M models leave most of it idle); each writes its
-    # summary and refreshes the table as it finishes, so a call cut short keeps what finished.
-    for name in ${STUDENTS:-am gggs mla}; do
-      (echo "start $(date +%T)"; cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 python3 -m zoo.cli distill --teacher /tmp/teacher ${students[$name]} \
-        --stages mixer,block,kl --stage-steps $steps $common --batch-size 16 --lr 1e-3 --eval-every 10000 \
-        --checkpoint-every 10000 --log-every 50 --out /tmp/$name 2>&1 | tr '\r' '\n' | grep -v "^distilling";
-       echo "end $(date +%T)"; cp /tmp/$name/distill_summary.json "$OUT/$name.json" \
-       && python3 "$repo/bench/distill_table.py" "$OUT"/*.json > "$OUT/distill_table.md") > "$OUT/distill_$name.log" 2>&1 &
+                         [mla]="--mla-rank 128 --rope-pairs 4" [ax]="--student-pattern AX")
+    # The students run side by side on the one GPU (125M models leave most of it idle), each stopped in time for
+    # the call to bring its results back; each writes its summary and refreshes the table as it finishes.
+    limit=$(( ${CALL_SECONDS:-570} - ($(date +%s) - started) - 30 ))
+    for name in ${STUDENTS:-am gggs mla ax}; do
+      (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.18 timeout $limit python3 -m zoo.cli distill --teacher /tmp/teacher \
+        ${students[$name]} --stages mixer,block,kl --stage-steps $steps $common --batch-size 16 --lr 1e-3 \
+        --eval-every 10000 --checkpoint-every 10000 --log-every 50 --out /tmp/$name 2>&1 | tr '\r' '\n' > "/tmp/distill_$name.log";
+       echo "$name: $(( $(date +%s) - started )) s" >> "$OUT/times.txt"; cp /tmp/$name/distill_summary.json "$OUT/$name.json" \
+       && python3 "$repo/bench/distill_table.py" "$OUT"/*.json > "$OUT/distill_table.md") &
     done
+    # The teacher's GQA -> MLA logit error by rank, on the rows it held out (the last 2% of the file).
+    (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout $limit python3 "$repo/bench/mla_conversion.py" /tmp/teacher \
+      --data $data --holdout 0.02 --seq-len 512 --windows 40 --ranks 0,256,128,64,32 --rope-pairs 4 --keep high,norm \
+      --out "$OUT/mla_conversion.jsonl" > /tmp/mla_conversion.log 2>&1) &
     wait
-    cat "$OUT/distill_table.md" ;;
+    tar czf "$OUT/distill_logs.tgz" -C /tmp teacher/metrics.jsonl mla_conversion.log distill_*.log */distill_summary.json \
+      */metrics.jsonl 2>/dev/null
+    cat "$OUT/times.txt" "$OUT/distill_table.md" ;;
   convert)
     repo=$PWD
     # One archive: a call brings back only a few files.

@@ -5,7 +5,8 @@
 Perplexities are exp(held-out cross-entropy) on the held-out rows of the distillation data (the tail `zoo train`
 held out of the same source, which the teacher never trained on); retained = teacher perplexity / student
 perplexity; decode state = one sequence's cache at a 32K context (attention KV in bfloat16, recurrent state in
-float32).
+float32); minutes = the distillation's wall-clock time (compiles and the held-out evaluations included; a
+run resumed part-way counts only what ran after the resume).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def main(paths: list[str]) -> None:
     if not summaries:
         raise SystemExit("no summaries given")
     first = summaries[0][1]
-    print("| model | layers | held-out ppl | retained | tokens per stage | decode state @32K |")
-    print("|---|---|---|---|---|---|")
+    print("| model | layers | held-out ppl | retained | tokens per stage | minutes | decode state @32K |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| teacher ({first['teacher_params']:,} params) | {len(first['student_layers'])} x attention | "
-          f"{math.exp(first['teacher_heldout_ce']):.3f} | - | - | {mib(first['teacher_state_bytes_32k'])} |")
+          f"{math.exp(first['teacher_heldout_ce']):.3f} | - | - | - | {mib(first['teacher_state_bytes_32k'])} |")
     for path, s in summaries:
         mixers = {}
         for mixer in s["student_layers"]:
@@ -37,8 +38,10 @@ def main(paths: list[str]) -> None:
         stages = ", ".join(f"{st['stage']} {st['tokens'] / 1e6:.2f}M" for st in s["stages"])
         at_init = math.exp(s["student_heldout_ce_at_init"])
         name = path.parent.name if path.name == "distill_summary.json" else path.stem
+        seconds = [st.get("seconds") for st in s["stages"]]
+        minutes = f"{sum(seconds) / 60:.1f}" if seconds and None not in seconds else "-"
         print(f"| {name} ({s['student_params']:,} params) | {layout} | "
-              f"{math.exp(s['student_heldout_ce']):.3f} (at init {at_init:,.1f}) | {s['retained']:.1%} | {stages} | "
+              f"{math.exp(s['student_heldout_ce']):.3f} (at init {at_init:,.1f}) | {s['retained']:.1%} | {stages} | {minutes} | "
               f"{mib(s['student_state_bytes_32k'])} |")
 
 

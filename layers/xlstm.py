@@ -13,6 +13,13 @@ has no MLP):
   and the bound 1 becomes exp(-m_t). The chunkwise form computes the same m_t as the running max
   over every source's log weight, so all three forms share one stabiliser exactly.
 
+mLSTM, dense layout (xLSTM 7B, Beck et al. 2025, arXiv 2503.13427; `layout="dense"`; its model layer keeps
+the MLP): the same cell on dense projections of x, no convolution, no skip:
+    q, k, v = W_q x, W_k x, W_v x   (heads x head_dim each);   i~, f~ = cap(W_i x + b_i), cap(W_f x + b_f)
+    out = W_down (GroupNorm(h) * sigmoid(W_o x))          cap(a) = 15 tanh(a / 15), the gates' soft cap
+  Its projections have the shapes of an attention layer's, which is what distillation from attention
+  initialises (zoo/recurrent_init.py). Input-gate bias -10 and forget-gate bias linspace(3, 6), as in xLSTM 7B.
+
 sLSTM (scalar memory, post up-projection block: its model layer keeps the MLP, which plays the
 block's gated feed-forward):
     i~, f~ from SiLU(causal_conv1d(x)); z~, o~ from x; each plus R_h h_{t-1} + b (head-wise R)
@@ -45,6 +52,7 @@ from zoo.layers.recurrent import (
 from zoo.pallas_kernels.ssd_scan import mlstm as mlstm_kernel  # a module: zoo.layers and the kernels import each other
 
 EPS = 1e-6  # the reference's epsilon in the normaliser's denominator
+LAYOUTS = ("block", "dense")
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,14 @@ class MLSTMConfig:
     chunk_size: int = 64
     norm_eps: float = 1e-5
     impl: str = "auto"  # the chunked scan: "auto" (Pallas on GPU/TPU), "xla", "pallas", "interpret"
+    layout: str = "block"  # "block": the xLSTM paper's pre up-projection block; "dense": the xLSTM 7B layer
+    gate_soft_cap: float = 15.0  # dense layout only
 
     def validate(self, field: str) -> None:
         require_positive(self, field, "num_heads", "inner_dim", "qkv_block", "chunk_size")
         require_impl(self, field)
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{field}.layout", f"must be one of {LAYOUTS}, got {self.layout!r}")
         for name in ("num_heads", "qkv_block"):
             if self.inner_dim % getattr(self, name):
                 raise ConfigError(f"{field}.inner_dim", f"must be divisible by {name}={getattr(self, name)}, got {self.inner_dim}")
@@ -155,6 +167,12 @@ def head_norm(y: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return normed.reshape(*y.shape[:2], -1) * scale.astype(jnp.float32)
 
 
+def forget_gate_bias(key, shape, dtype=jnp.float32):
+    """The reference's mLSTM forget-gate bias: linspace(3, 6) over the heads (slow forgetting at the start)."""
+    del key
+    return jnp.linspace(3.0, 6.0, shape[0], dtype=dtype)
+
+
 def blockdiag_init(key, shape, dtype=jnp.float32):
     """The reference's small_init for head-wise (block-diagonal) projections: std sqrt(2 / (5 * block))."""
     return jax.random.normal(key, shape, dtype) * (2.0 / (5.0 * shape[-1])) ** 0.5
@@ -167,8 +185,8 @@ def mlstm_init_cache(config: MLSTMConfig, batch: int, max_len: int, dtype) -> Re
     return RecurrentCache.create(
         batch,
         state={"C": ((h, d, d), ("heads", "head_dim", None)), "n": ((h, d), ("heads", "head_dim")), "m": ((h,), ("heads",))},
-        conv={"x": ((c.inner_dim,), ("mlp",))},
-        conv_width=c.conv_width, dtype=dtype,
+        conv={"x": ((c.inner_dim,), ("mlp",))} if c.layout == "block" else None,
+        conv_width=c.conv_width if c.layout == "block" else 1, dtype=dtype,
     )
 
 
@@ -183,10 +201,32 @@ class MLSTM(nn.Module):
     def __call__(self, x, *, positions, segment_ids, cache=None):
         del positions
         c = self.config
+        heads, dim = c.num_heads, c.head_dim
+        batch = x.shape[0]
+        x = x.astype(self.dtype)
+        if c.layout == "dense":
+            (q, k, v, log_i, log_f), finish, past = self._dense(x), self._dense_output(x), {}
+        else:
+            (q, k, v, log_i, log_f), finish, past = self._block(x, segment_ids, cache)
+
+        if cache is None:
+            state = {"C": jnp.zeros((batch, heads, dim, dim)), "n": jnp.zeros((batch, heads, dim)), "m": jnp.zeros((batch, heads))}
+            last = None
+        else:
+            state, last = cache.state, cache.last_segment
+        scan = functools.partial(mlstm_kernel.mlstm_scan, impl=c.impl, dtype=self.dtype, eps=EPS)
+        h, state = recur(self.form, mlstm_step, scan, (q * dim**-0.5, k, v, log_i, log_f), segment_ids, state, last, c.chunk_size)
+        out = finish(h)
+        if cache is not None:
+            cache = cache.advance(state, past, segment_ids)
+        return out, cache
+
+    def _block(self, x, segment_ids, cache):
+        """The pre up-projection block: (q, k, v, log_i, log_f), the output path, the convolution's past."""
+        c = self.config
         heads, dim, inner, block = c.num_heads, c.head_dim, c.inner_dim, c.qkv_block
         pd = self.param_dtype
         batch, length = x.shape[:2]
-        x = x.astype(self.dtype)
         up = weight(self, "up_proj", (self.d_model, 2, inner), ("embed", None, "mlp"), dtype=pd)
         x_m, z = jnp.moveaxis(jnp.einsum("btd,dgi->btgi", x, up.astype(self.dtype)), 2, 0)
         x_m = constrain(x_m, ("batch", "length", "mlp"))
@@ -208,26 +248,52 @@ class MLSTM(nn.Module):
             return gate_in @ w.astype(jnp.float32) + b.astype(jnp.float32)
 
         log_i = gate("input", nn.initializers.normal(0.1))
-        forget_bias = lambda key, shape, dtype=jnp.float32: jnp.linspace(3.0, 6.0, shape[0], dtype=dtype)
-        log_f = jax.nn.log_sigmoid(gate("forget", forget_bias))
-
-        if cache is None:
-            state = {"C": jnp.zeros((batch, heads, dim, dim)), "n": jnp.zeros((batch, heads, dim)), "m": jnp.zeros((batch, heads))}
-            last = None
-        else:
-            state, last = cache.state, cache.last_segment
-        scan = functools.partial(mlstm_kernel.mlstm_scan, impl=c.impl, dtype=self.dtype, eps=EPS)
-        h, state = recur(self.form, mlstm_step, scan, (q * dim**-0.5, k, v, log_i, log_f), segment_ids, state, last, c.chunk_size)
-
+        log_f = jax.nn.log_sigmoid(gate("forget", forget_gate_bias))
         norm = weight(self, "out_norm", (inner,), ("mlp",), init=nn.initializers.ones, dtype=pd)
         skip = weight(self, "skip", (inner,), ("mlp",), init=nn.initializers.ones, dtype=pd)
-        h = head_norm(h, norm, c.norm_eps) + skip.astype(jnp.float32) * x_c.astype(jnp.float32)
-        h = (h * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
         down = weight(self, "down_proj", (inner, self.d_model), ("mlp", "embed"), dtype=pd)
-        out = h @ down.astype(self.dtype)
-        if cache is not None:
-            cache = cache.advance(state, {"x": past}, segment_ids)
-        return out, cache
+
+        def finish(h):
+            h = head_norm(h, norm, c.norm_eps) + skip.astype(jnp.float32) * x_c.astype(jnp.float32)
+            h = (h * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
+            return h @ down.astype(self.dtype)
+
+        return (q, k, v, log_i, log_f), finish, {"x": past}
+
+    def _dense(self, x):
+        """The xLSTM 7B layer's inputs to the cell: (q, k, v, log_i, log_f)."""
+        c = self.config
+        pd = self.param_dtype
+
+        def project(name):
+            w = weight(self, name, (self.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), dtype=pd)
+            return jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype)).astype(jnp.float32)
+
+        def gate(name, bias_init):
+            w = weight(self, f"{name}_gate", (self.d_model, c.num_heads), ("embed", "heads"), dtype=pd)
+            b = weight(self, f"{name}_gate_bias", (c.num_heads,), ("heads",), init=bias_init, dtype=pd)
+            pre = x.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32)
+            return c.gate_soft_cap * jnp.tanh(pre / c.gate_soft_cap)
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        log_i = gate("input", nn.initializers.constant(-10.0))
+        log_f = jax.nn.log_sigmoid(gate("forget", forget_gate_bias))
+        return q, k, v, log_i, log_f
+
+    def _dense_output(self, x):
+        """The xLSTM 7B layer's output path, h -> out."""
+        c = self.config
+        pd = self.param_dtype
+        out_gate = weight(self, "out_gate", (self.d_model, c.inner_dim), ("embed", "mlp"), dtype=pd)
+        norm = weight(self, "out_norm", (c.inner_dim,), ("mlp",), init=nn.initializers.ones, dtype=pd)
+        down = weight(self, "down_proj", (c.num_heads, c.head_dim, self.d_model), ("heads", "head_dim", "embed"), dtype=pd)
+        gate = jax.nn.sigmoid((x @ out_gate.astype(self.dtype)).astype(jnp.float32))
+
+        def finish(h):
+            h = (head_norm(h, norm, c.norm_eps) * gate).astype(self.dtype)
+            return jnp.einsum("bthk,hkd->btd", h.reshape(h.shape[:2] + (c.num_heads, c.head_dim)), down.astype(self.dtype))
+
+        return finish
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         return mlstm_init_cache(self.config, batch, max_len, dtype)

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,7 @@ class DistillConfig:
             raise ConfigError("stage_steps", f"need one positive step count per stage ({len(self.stages)}), "
                                              f"got {list(self.stage_steps)}")
         if bool(self.student_pattern.strip("A")) == (self.mla_rank is not None):
-            raise ConfigError("student_pattern", "give a pattern that replaces layers (letters S, M, G, R) or "
+            raise ConfigError("student_pattern", "give a pattern that replaces layers (letters S, M, G, R, X) or "
                                                  "mla_rank, exactly one of them")
         if self.kl_trainable not in ("all", "replaced"):
             raise ConfigError("kl_trainable", f"must be 'all' or 'replaced', got {self.kl_trainable!r}")
@@ -328,6 +329,7 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
                 optimizer = _stage_optimizer(config, index, student_config, replaced)
                 state = TrainState(step=state.step, params=state.params, opt_state=_optimizer_init(optimizer)(state.params))
             step_fn = _stage_step(config, index, teacher.config, student_config, replaced, mesh)
+            stage_start = time.perf_counter()
             first = int(state.step) + 1
             for step in range(first, int(ends[index]) + 1):
                 state, m = step_fn(state, teacher.params, put_batch(next(iterator), mesh))
@@ -350,7 +352,8 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
                     summary["stages"] = [s for s in summary["stages"] if s["stage_index"] != index] + [{
                         "stage_index": index, "stage": stage, "steps": config.stage_steps[index],
                         "tokens": config.stage_steps[index] * tokens_per_step, "final_loss": values["loss"],
-                        "student_heldout_ce": held}]
+                        "student_heldout_ce": held,
+                        "seconds": round(time.perf_counter() - stage_start, 1)}]  # of this process: compile included
                 bar.update(1)
     finally:
         bar.close()

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "logits. Re-running with the same --out resumes from the latest checkpoint.")
     dis.add_argument("--teacher", required=True, help="zoo checkpoint (run / step directory) or Hugging Face directory")
     dis.add_argument("--student-pattern", help="a letter per layer, repeated to the depth: A keep attention, S sliding "
-                                               "window (--window), M Mamba-2, G Gated DeltaNet, R RetNet; e.g. GGGS")
+                                               "window (--window), M Mamba-2, G Gated DeltaNet, R RetNet, X mLSTM; e.g. GGGS")
     dis.add_argument("--window", type=int, help="the window of S layers")
     dis.add_argument("--mla-rank", type=int, help="instead of a pattern: every attention layer to MLA (0: full rank)")
     dis.add_argument("--rope-pairs", type=int, default=4, help="MLA: RoPE pairs kept per KV head")

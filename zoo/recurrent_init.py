@@ -7,15 +7,17 @@ here is a gated, normalised form of it, so the attention layer's projections map
   Mamba-2          C <- Q, B <- K, x <- V, out_proj <- O      (one B/C group per query head, state width Dh)
   Gated DeltaNet   q <- Q, k <- K, v <- V, o_proj <- O         (value width Dh: expand_v = 1)
   RetNet           q <- Q, k <- K, v <- V, o_proj <- O         (value width Dh: value_factor = 1; keeps the RoPE base)
+  mLSTM            q <- Q, k <- K, v <- V, down_proj <- O      (the xLSTM 7B dense layout, layers/xlstm.py)
 GQA key/value heads are repeated over their query heads. What attention has no counterpart for keeps the
 family's own initialisation (decay / gate projections and biases, output gates, norms), except where a
 neutral value keeps the layer closest to linear attention: short convolutions start as the identity
-(weight 1 on the current token, no bias), and Mamba-2's skip D starts at 0. The 1/sqrt(Dh) score scale is
+(weight 1 on the current token, no bias), Mamba-2's skip D starts at 0, and mLSTM's output gate starts
+constant (zero weights: sigmoid 1/2, which its norm weight of 2 undoes). The 1/sqrt(Dh) score scale is
 folded into C / q where the family does not normalise q itself (Gated DeltaNet L2-normalises q and k).
 The MLPs, norms and embeddings of the model are kept as they are.
 
 Student layouts are written as one letter per layer (`layout_from_pattern`): A keeps the attention layer, S keeps
-it with a sliding window, M / G / R replace it with Mamba-2 / Gated DeltaNet / RetNet.
+it with a sliding window, M / G / R / X replace it with Mamba-2 / Gated DeltaNet / RetNet / mLSTM.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from zoo.layers.attention import AttentionConfig
 from zoo.layers.gated_deltanet import GatedDeltaNetConfig
 from zoo.layers.mamba2 import Mamba2Config
 from zoo.layers.retnet import RetNetConfig
+from zoo.layers.xlstm import MLSTMConfig
 from zoo.train.mesh import host_array
 
-LETTERS = {"A": "attention", "S": "sliding", "M": "mamba2", "G": "gated_deltanet", "R": "retnet"}
-RECURRENT = ("mamba2", "gated_deltanet", "retnet")
+LETTERS = {"A": "attention", "S": "sliding", "M": "mamba2", "G": "gated_deltanet", "R": "retnet", "X": "mlstm"}
+RECURRENT = ("mamba2", "gated_deltanet", "retnet", "mlstm")
 
 
 def recurrent_config(kind: str, a: AttentionConfig):
@@ -50,6 +53,8 @@ def recurrent_config(kind: str, a: AttentionConfig):
     if kind == "retnet":
         return RetNetConfig(num_heads=a.num_heads, head_dim=a.head_dim, value_factor=1, rope_base=a.rope_base,
                             impl=a.impl)
+    if kind == "mlstm":
+        return MLSTMConfig(num_heads=a.num_heads, inner_dim=a.num_heads * a.head_dim, layout="dense", impl=a.impl)
     raise ConfigError("kind", f"must be one of {RECURRENT}, got {kind!r}")
 
 
@@ -84,6 +89,9 @@ def init_from_attention(kind: str, a: AttentionConfig, attention: dict, d_model:
         fresh.update(q_proj=wq, k_proj=wk, v_proj=wv, o_proj=wo)
         for name in ("q", "k", "v"):
             fresh[f"{name}_conv"] = _identity_conv(fresh[f"{name}_conv"])
+    elif kind == "mlstm":  # the cell scales q by 1/sqrt(Dh) itself
+        fresh.update(q_proj=wq, k_proj=wk, v_proj=wv, down_proj=wo, out_gate=np.zeros_like(fresh["out_gate"]),
+                     out_norm=np.full_like(fresh["out_norm"], 2.0))
     else:
         fresh.update(q_proj=wq, k_proj=wk, v_proj=wv, o_proj=wo)  # RetNet scales k by 1/sqrt(Dh) itself
     return config, {name: value.astype(param_dtype) for name, value in fresh.items()}
