@@ -64,7 +64,8 @@ case "${1:-bench}" in
     echo "teacher: $(( $(date +%s) - started )) s" | tee "$OUT/times.txt"
     steps=${STAGE_STEPS:-50,50,300}
     declare -A students=([am]="--student-pattern AM" [gggs]="--student-pattern GGGS --window 128"
-                         [mla]="--mla-rank 128 --rope-pairs 4" [ax]="--student-pattern AX")
+                         [mla]="--mla-rank 128 --rope-pairs 4" [ax]="--student-pattern AX"
+                         [gggs_xla]="--student-pattern GGGS --window 128 --kernel-impl xla")
     # The students run side by side on the one GPU (125M models leave most of it idle), each stopped in time for
     # the call to bring its results back; each writes its summary and refreshes the table as it finishes.
     limit=$(( ${CALL_SECONDS:-570} - ($(date +%s) - started) - 30 ))
@@ -76,12 +77,12 @@ case "${1:-bench}" in
        && python3 "$repo/bench/distill_table.py" "$OUT"/*.json > "$OUT/distill_table.md") &
     done
     # The teacher's GQA -> MLA logit error by rank, on the rows it held out (the last 2% of the file).
-    (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout $limit python3 "$repo/bench/mla_conversion.py" /tmp/teacher \
-      --data $data --holdout 0.02 --seq-len 512 --windows 40 --ranks 0,256,128,64,32 --rope-pairs 4 --keep high,norm \
+    [[ ${MLA_SWEEP:-} != none ]] && (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout $limit python3 "$repo/bench/mla_conversion.py" /tmp/teacher \
+      --data $data --holdout 0.02 --seq-len 512 --windows 40 ${MLA_SWEEP:---ranks 0,256,128,64,32 --rope-pairs 4,8,16 --keep high} \
       --out "$OUT/mla_conversion.jsonl" > /tmp/mla_conversion.log 2>&1) &
     wait
-    tar czf "$OUT/distill_logs.tgz" -C /tmp teacher/metrics.jsonl mla_conversion.log distill_*.log */distill_summary.json \
-      */metrics.jsonl 2>/dev/null
+    (cd /tmp && tar czf "$OUT/distill_logs.tgz" teacher/metrics.jsonl mla_conversion.log distill_*.log \
+      */distill_summary.json */metrics.jsonl 2>/dev/null)
     cat "$OUT/times.txt" "$OUT/distill_table.md" ;;
   convert)
     repo=$PWD

@@ -38,6 +38,7 @@ from zoo.config import ModelConfig
 from zoo.errors import ConfigError
 from zoo.layers import MIXERS
 from zoo.model import Block, DecoderLM, count_params, decode_state_bytes
+from zoo.pallas_kernels.dispatch import IMPLS
 from zoo.train import data as data_lib
 from zoo.train.checkpoint import Checkpoints, load_model
 from zoo.train.distill_losses import alignment_mse, logit_kl
@@ -68,6 +69,7 @@ class DistillConfig:
     batch_size: int = 16
     seed: int = 0
     mesh: str = ""
+    kernel_impl: str = "auto"  # teacher's and student's kernels: auto (Pallas on GPU/TPU), xla, pallas, interpret
     log_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 200
@@ -92,6 +94,8 @@ class DistillConfig:
             raise ConfigError("kl_trainable", f"must be 'all' or 'replaced', got {self.kl_trainable!r}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be positive, got {self.temperature}")
+        if self.kernel_impl not in IMPLS:
+            raise ConfigError("kernel_impl", f"must be one of {IMPLS}, got {self.kernel_impl!r}")
         for name in ("batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
@@ -283,6 +287,8 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         raise ValueError(f"batch_size {config.batch_size} must split over the data x fsdp axes "
                          f"({data_parallel_size(mesh)} devices)")
     teacher = load_model(config.teacher, mesh)
+    if config.kernel_impl != "auto":
+        teacher = teacher._replace(config=teacher.config.with_kernel_impl(config.kernel_impl))
     student_config, host_params, replaced = build_student(config, teacher.config, teacher.params)
     replaced = tuple(replaced)
     log(f"teacher: {config.teacher} ({count_params(teacher.config):,} parameters); student: "

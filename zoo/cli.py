@@ -155,8 +155,8 @@ def _distill(args) -> int:
         teacher=args.teacher, student_pattern=args.student_pattern or "", window=args.window, mla_rank=args.mla_rank,
         rope_pairs=args.rope_pairs, stages=tuple(args.stages.split(",")), stage_steps=numbers(args.stage_steps),
         temperature=args.temperature, top_k=args.top_k, ce_weight=args.ce_weight, kl_trainable=args.kl_trainable,
-        batch_size=args.batch_size, seed=args.seed, mesh=args.mesh or "", log_every=args.log_every,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, data=data,
+        batch_size=args.batch_size, seed=args.seed, mesh=args.mesh or "", kernel_impl=args.kernel_impl,
+        log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, data=data,
         optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps))
     out = Path(args.out) if args.out else Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
     distill(config, out)
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--lr", type=float, default=1e-3)
     dis.add_argument("--warmup-steps", type=int, default=20)
     dis.add_argument("--mesh", help="device mesh, e.g. fsdp=8 (teacher and student share it)")
+    dis.add_argument("--kernel-impl", default="auto", choices=("auto", "xla", "pallas", "interpret"),
+                     help="every layer's kernels (auto: Pallas on GPU/TPU)")
     dis.add_argument("--seed", type=int, default=0)
     dis.add_argument("--log-every", type=int, default=10)
     dis.add_argument("--eval-every", type=int, default=100)

@@ -72,9 +72,13 @@ def init_from_attention(kind: str, a: AttentionConfig, attention: dict, d_model:
     if a.qkv_bias:
         raise ConfigError("layers", "attention with q/k/v biases has no recurrent counterpart here (biases would be lost)")
     config = recurrent_config(kind, a)
-    module = MIXERS[kind].module(config, d_model)
-    x, ones = jnp.zeros((1, 4, d_model), jnp.float32), jnp.ones((1, 4), jnp.int32)
-    variables = module.init(key, x, positions=jnp.arange(4)[None], segment_ids=ones)
+    # The family's own initial values come from running its init on the host, through the XLA form: building a
+    # student should not compile accelerator kernels (on a GPU, Pallas kernels took minutes to compile here).
+    module = MIXERS[kind].module(dataclasses.replace(config, impl="xla"), d_model)
+    host = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(host):
+        x, ones = jnp.zeros((1, 4, d_model), jnp.float32), jnp.ones((1, 4), jnp.int32)
+        variables = module.init(jax.device_put(key, host), x, positions=jnp.arange(4)[None], segment_ids=ones)
     fresh = {name: np.array(value) for name, value in nn.unbox(variables["params"]).items()}
     wq, wk, wv, wo = (host_array(attention[n]).astype(np.float32) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     group_of = np.arange(a.num_heads) // (a.num_heads // a.num_kv_heads)
