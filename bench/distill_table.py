@@ -2,6 +2,7 @@
 
     python bench/distill_table.py runs/*/distill_summary.json
 
+Each row's teacher is the one it was distilled from (a table may gather runs whose teachers were trained apart).
 Perplexities are exp(held-out cross-entropy) on the held-out rows of the distillation data (the tail `zoo train`
 held out of the same source, which the teacher never trained on); retained = teacher perplexity / student
 perplexity; decode state = one sequence's cache at a 32K context (attention KV in bfloat16, recurrent state in
@@ -26,10 +27,11 @@ def main(paths: list[str]) -> None:
     if not summaries:
         raise SystemExit("no summaries given")
     first = summaries[0][1]
-    print("| model | layers | held-out ppl | retained | tokens per stage | minutes | decode state @32K |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | layers | held-out ppl | its teacher's ppl | retained | tokens per stage | minutes | "
+          "decode state @32K |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| teacher ({first['teacher_params']:,} params) | {len(first['student_layers'])} x attention | "
-          f"{math.exp(first['teacher_heldout_ce']):.3f} | - | - | - | {mib(first['teacher_state_bytes_32k'])} |")
+          f"see each row | - | - | - | - | {mib(first['teacher_state_bytes_32k'])} |")
     for path, s in summaries:
         mixers = {}
         for mixer in s["student_layers"]:
@@ -41,7 +43,8 @@ def main(paths: list[str]) -> None:
         seconds = [st.get("seconds") for st in s["stages"]]
         minutes = f"{sum(seconds) / 60:.1f}" if seconds and None not in seconds else "-"
         print(f"| {name} ({s['student_params']:,} params) | {layout} | "
-              f"{math.exp(s['student_heldout_ce']):.3f} (at init {at_init:,.1f}) | {s['retained']:.1%} | {stages} | {minutes} | "
+              f"{math.exp(s['student_heldout_ce']):.3f} (at init {at_init:,.1f}) | "
+              f"{math.exp(s['teacher_heldout_ce']):.3f} | {s['retained']:.1%} | {stages} | {minutes} | "
               f"{mib(s['student_state_bytes_32k'])} |")
 
 

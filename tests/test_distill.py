@@ -1,9 +1,11 @@
 """Staged distillation (zoo.train.distill) end to end at tiny size on CPU: a teacher checkpoint, a hybrid student
-whose stages each lower their loss, a loadable student checkpoint, a bit-exact resume, and an MLA student."""
+whose stages each lower their loss, a loadable student checkpoint, a bit-exact resume, an MLA student, and the whole
+pipeline (zoo train -> zoo distill -> zoo generate) from the command line."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import jax
@@ -18,7 +20,7 @@ from zoo.model import init_params
 from zoo.tokenizer import ByteTokenizer
 from zoo.train.checkpoint import Checkpoints, load_model
 from zoo.train.data import DataConfig
-from zoo.train.distill import DistillConfig, distill
+from zoo.train.distill import DistillConfig, build_student, distill
 from zoo.train.metrics import read_records
 from zoo.train.optim import OptimConfig
 
@@ -44,7 +46,7 @@ def settings(teacher, **changes):
     return DistillConfig(**{**base, **changes})
 
 
-@pytest.mark.slow  # ~100 s on 2 cores; the command-line test below runs every stage in CI
+@pytest.mark.slow  # ~100 s on 2 cores; the command-line test below runs two of the stages in CI
 def test_stages_lower_their_losses_and_resume_bit_exactly(teacher, tmp_path):
     config = settings(teacher)
     summary = distill(config, tmp_path / "run", log=lambda *_: None, progress=False)
@@ -70,14 +72,31 @@ def test_stages_lower_their_losses_and_resume_bit_exactly(teacher, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again.params, final.params)
 
 
-def test_mla_student_and_the_command_line(teacher, tmp_path):
-    out = tmp_path / "mla"
-    assert zoo_main(["distill", "--teacher", str(teacher), "--mla-rank", "16", "--rope-pairs", "2", "--stages",
-                     "mixer,block,kl", "--stage-steps", "2,2,2", "--seq-len", "32", "--batch-size", "4", "--mesh", "data=1", "--out", str(out),
-                     "--log-every", "1"]) == 0
+def test_the_whole_pipeline_from_the_command_line(tmp_path, rng):
+    """`zoo train` a teacher, `zoo distill` it into an attention + mLSTM hybrid, generate from the student."""
+    teacher_dir, out, corpus = str(tmp_path / "teacher"), tmp_path / "student", tmp_path / "corpus.txt"
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))  # ~20 KB: quick to pack
+    assert zoo_main(["train", "--preset", "gqa-tiny", "--data", str(corpus), "--steps", "2", "--batch-size", "8",
+                     "--seq-len", "32", "--mesh", "data=1", "--out", teacher_dir, "--set", "data.max_eval_rows=8"]) == 0
+    assert zoo_main(["distill", "--teacher", teacher_dir, "--data", str(corpus), "--student-pattern", "AX",
+                     "--stages", "mixer,kl", "--stage-steps", "2,2", "--seq-len", "32", "--batch-size", "4",
+                     "--mesh", "data=1", "--out", str(out), "--log-every", "1"]) == 0
     summary = json.loads((out / "distill_summary.json").read_text())
-    assert summary["student_layers"] == ["mla"] * 2 and [s["stage"] for s in summary["stages"]] == ["mixer", "block", "kl"]
-    assert load_model(out).config.layers[0].mixer_config.kv_lora_rank == 16
+    assert summary["student_layers"] == ["attention", "mlstm"] * 2
+    assert [s["stage"] for s in summary["stages"]] == ["mixer", "kl"]
+    assert all(s["tokens"] == 2 * 4 * 32 and s["seconds"] > 0 for s in summary["stages"])
+    assert math.isfinite(summary["student_heldout_ce"]) and summary["student_state_bytes_32k"] < summary[
+        "teacher_state_bytes_32k"]
+    assert zoo_main(["generate", str(out), "--prompt", "to be", "--max-new-tokens", "4"]) == 0
+
+
+def test_mla_student(teacher):
+    loaded = load_model(teacher)
+    config, params, replaced = build_student(settings(teacher, student_pattern="", mla_rank=16, rope_pairs=2),
+                                             loaded.config, loaded.params)
+    assert [l.mixer for l in config.layers] == ["mla"] * 2 and replaced == [0, 1]
+    assert config.layers[0].mixer_config.kv_lora_rank == 16 and params["layer_0"]["mixer"]["kv_down"].shape[1] == 16 + 8
 
 
 @pytest.mark.parametrize("changes, message", [
