@@ -104,6 +104,7 @@ def test_mla_student(teacher):
     ({"student_pattern": "AG", "mla_rank": 8}, "exactly one of them"),
     ({"stages": ("mixer", "distill")}, "stages: must be"),
     ({"stage_steps": (1, 2)}, "one positive step count per stage"),
+    ({"kernel_impl": "cuda"}, "kernel_impl: must be one of"),
 ])
 def test_bad_settings(changes, message, teacher):
     with pytest.raises(ConfigError, match=message):

@@ -275,7 +275,8 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
     saved_config = run_dir / CONFIG_FILE
     if saved_config.is_file():
         saved = DistillConfig.from_dict(json.loads(saved_config.read_text()))
-        fixed = {k for k in config.to_dict() if k not in ("log_every", "eval_every", "checkpoint_every", "mesh")}
+        fixed = {k for k in config.to_dict()
+                 if k not in ("log_every", "eval_every", "checkpoint_every", "mesh", "kernel_impl")}
         changed = sorted(k for k in fixed if config.to_dict()[k] != saved.to_dict()[k])
         if changed:
             raise ValueError(f"{run_dir} was started with different settings ({', '.join(changed)}); resume with the "
@@ -287,10 +288,11 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         raise ValueError(f"batch_size {config.batch_size} must split over the data x fsdp axes "
                          f"({data_parallel_size(mesh)} devices)")
     teacher = load_model(config.teacher, mesh)
-    if config.kernel_impl != "auto":
-        teacher = teacher._replace(config=teacher.config.with_kernel_impl(config.kernel_impl))
     student_config, host_params, replaced = build_student(config, teacher.config, teacher.params)
     replaced = tuple(replaced)
+    # Both models run on the requested kernels; the student is saved with the config it was built with.
+    teacher_run, student_run = (c if config.kernel_impl == "auto" else c.with_kernel_impl(config.kernel_impl)
+                                for c in (teacher.config, student_config))
     log(f"teacher: {config.teacher} ({count_params(teacher.config):,} parameters); student: "
         f"{[l.mixer for l in student_config.layers]} ({count_params(student_config):,} parameters), "
         f"distilled layers {list(replaced)}")
@@ -308,7 +310,7 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
     metrics = MetricsLog(run_dir, enabled=jax.process_index() == 0)
     start = checkpoints.latest_step() or 0
     stage_index = config.stage_at(start) if start else 0  # the stage whose optimizer state the checkpoint holds
-    optimizer = _stage_optimizer(config, stage_index, student_config, replaced)
+    optimizer = _stage_optimizer(config, stage_index, student_run, replaced)
     state = TrainState(step=jnp.asarray(start, jnp.int32), params=params, opt_state=_optimizer_init(optimizer)(params))
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -316,12 +318,12 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         iterator.restore(checkpoints.read_json(start)["progress"]["data"])
         log(f"resumed from {checkpoints.directory / str(start)} (step {start}, stage {config.stages[stage_index]})")
 
-    teacher_ce = _heldout_ce(teacher.config, teacher.params, data, config.batch_size, mesh)
+    teacher_ce = _heldout_ce(teacher_run, teacher.params, data, config.batch_size, mesh)
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {
         "teacher_heldout_ce": teacher_ce, "stages": []}
     if not start:
-        summary["student_heldout_ce_at_init"] = _heldout_ce(student_config, state.params, data, config.batch_size, mesh)
+        summary["student_heldout_ce_at_init"] = _heldout_ce(student_run, state.params, data, config.batch_size, mesh)
         log(f"held-out cross-entropy: teacher {teacher_ce:.4f}, student at initialisation "
             f"{summary['student_heldout_ce_at_init']:.4f}")
     tokens_per_step = config.batch_size * config.data.seq_len
@@ -332,9 +334,9 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         for index in range(stage_index, len(config.stages)):
             stage = config.stages[index]
             if index != stage_index:  # a new stage: its own trainable group and a fresh optimizer
-                optimizer = _stage_optimizer(config, index, student_config, replaced)
+                optimizer = _stage_optimizer(config, index, student_run, replaced)
                 state = TrainState(step=state.step, params=state.params, opt_state=_optimizer_init(optimizer)(state.params))
-            step_fn = _stage_step(config, index, teacher.config, student_config, replaced, mesh)
+            step_fn = _stage_step(config, index, teacher_run, student_run, replaced, mesh)
             stage_start = time.perf_counter()
             first = int(state.step) + 1
             for step in range(first, int(ends[index]) + 1):
@@ -348,7 +350,7 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
                     metrics.write("train", step, {"stage": stage, **values})
                     bar.set_postfix(stage=stage, loss=f"{values['loss']:.4f}")
                 if step % config.eval_every == 0 or last_of_stage:
-                    held = _heldout_ce(student_config, state.params, data, config.batch_size, mesh)
+                    held = _heldout_ce(student_run, state.params, data, config.batch_size, mesh)
                     metrics.write("eval", step, {"stage": stage, "loss": held})
                 if step % config.checkpoint_every == 0 or last_of_stage:
                     checkpoints.save(step, state, student_config, teacher.tokenizer,

@@ -23,6 +23,7 @@ it with a sliding window, M / G / R / X replace it with Mamba-2 / Gated DeltaNet
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -64,6 +65,14 @@ def _identity_conv(kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+@functools.cache
+def _family_init(kind: str, config, d_model: int):
+    """The family's jitted init, compiled once per layer shape. Its initial values come from running it on the
+    host through the XLA form: building a student should not compile accelerator kernels (on a GPU, the Pallas
+    kernels took minutes to compile here)."""
+    return jax.jit(MIXERS[kind].module(dataclasses.replace(config, impl="xla"), d_model).init)
+
+
 def init_from_attention(kind: str, a: AttentionConfig, attention: dict, d_model: int, key: jax.Array,
                         param_dtype=jnp.float32) -> tuple[object, dict]:
     """(mixer config, params) of a `kind` layer initialised from one attention layer's config and params."""
@@ -72,13 +81,11 @@ def init_from_attention(kind: str, a: AttentionConfig, attention: dict, d_model:
     if a.qkv_bias:
         raise ConfigError("layers", "attention with q/k/v biases has no recurrent counterpart here (biases would be lost)")
     config = recurrent_config(kind, a)
-    # The family's own initial values come from running its init on the host, through the XLA form: building a
-    # student should not compile accelerator kernels (on a GPU, Pallas kernels took minutes to compile here).
-    module = MIXERS[kind].module(dataclasses.replace(config, impl="xla"), d_model)
     host = jax.local_devices(backend="cpu")[0]
     with jax.default_device(host):
         x, ones = jnp.zeros((1, 4, d_model), jnp.float32), jnp.ones((1, 4), jnp.int32)
-        variables = module.init(jax.device_put(key, host), x, positions=jnp.arange(4)[None], segment_ids=ones)
+        variables = _family_init(kind, config, d_model)(jax.device_put(key, host), x, positions=jnp.arange(4)[None],
+                                                        segment_ids=ones)
     fresh = {name: np.array(value) for name, value in nn.unbox(variables["params"]).items()}
     wq, wk, wv, wo = (host_array(attention[n]).astype(np.float32) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     group_of = np.arange(a.num_heads) // (a.num_heads // a.num_kv_heads)
