@@ -81,3 +81,16 @@ def decode_on_mesh(module, params, x, positions, segments, chunks, max_len, rule
         )
         outs, cache = _feed(step, params, cache, x, positions, segments, chunks)
     return np.asarray(outs), cache
+
+
+def saved_model(directory, config, step: int, seed: int):
+    """A zoo checkpoint of `config` with random weights (byte tokenizer) in `directory`; returns the directory."""
+    from zoo.model import init_params
+    from zoo.tokenizer import ByteTokenizer
+    from zoo.train.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(directory / "checkpoints")
+    checkpoints.save_model(step, init_params(config, jax.random.key(seed)), config, ByteTokenizer(), {"step": step})
+    checkpoints.wait()
+    checkpoints.close()
+    return directory

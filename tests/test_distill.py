@@ -11,14 +11,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from inputs import saved_model
 
 from zoo.cli import main as zoo_main
 from zoo.config import LayerConfig, ModelConfig
 from zoo.errors import ConfigError
 from zoo.layers.attention import AttentionConfig
-from zoo.model import init_params
 from zoo.tokenizer import ByteTokenizer
-from zoo.train.checkpoint import Checkpoints, load_model
+from zoo.train.checkpoint import load_model
 from zoo.train.data import DataConfig
 from zoo.train.distill import DistillConfig, build_student, distill
 from zoo.train.metrics import read_records
@@ -31,12 +31,7 @@ def teacher(tmp_path_factory):
     layer = LayerConfig("attention", AttentionConfig(4, 2, 8))
     config = ModelConfig(vocab_size=ByteTokenizer.padded_vocab_size, d_model=32, mlp_hidden=64, layers=(layer,) * 2,
                          max_seq_len=64)
-    directory = tmp_path_factory.mktemp("teacher")
-    checkpoints = Checkpoints(directory / "checkpoints")
-    checkpoints.save_model(1, init_params(config, jax.random.key(7)), config, ByteTokenizer(), {"step": 1})
-    checkpoints.wait()
-    checkpoints.close()
-    return directory
+    return saved_model(tmp_path_factory.mktemp("teacher"), config, step=1, seed=7)
 
 
 def settings(teacher, **changes):

@@ -10,15 +10,16 @@ import math
 import jax
 import numpy as np
 import pytest
+from inputs import saved_model
 
 from zoo.cli import main as zoo_main
 from zoo.config import LayerConfig, ModelConfig
 from zoo.eval.perplexity import perplexity, sliding_windows
 from zoo.layers.attention import AttentionConfig
 from zoo.layers.mamba2 import Mamba2Config
-from zoo.model import DecoderLM, init_params
+from zoo.model import DecoderLM
 from zoo.tokenizer import ByteTokenizer
-from zoo.train.checkpoint import Checkpoints, load_model
+from zoo.train.checkpoint import load_model
 from zoo.train.mesh import make_mesh, parse_mesh
 
 MAX_SEQ_LEN = 32
@@ -31,12 +32,7 @@ def checkpoint(tmp_path_factory):
               LayerConfig("mamba2", Mamba2Config(num_heads=4, head_dim=8, state_dim=8, num_groups=2, chunk_size=8)))
     config = ModelConfig(vocab_size=ByteTokenizer.padded_vocab_size, d_model=32, mlp_hidden=64, layers=layers,
                          max_seq_len=MAX_SEQ_LEN)
-    directory = tmp_path_factory.mktemp("model")
-    checkpoints = Checkpoints(directory / "checkpoints")
-    checkpoints.save_model(3, init_params(config, jax.random.key(11)), config, ByteTokenizer(), {"step": 3})
-    checkpoints.wait()
-    checkpoints.close()
-    return directory
+    return saved_model(tmp_path_factory.mktemp("model"), config, step=3, seed=11)
 
 
 def random_text(rng, length):
