@@ -28,7 +28,7 @@ from zoo.config import ModelConfig
 from zoo.errors import ConfigError
 from zoo.model import DecoderLM
 from zoo.tokenizer import Tokenizer
-from zoo.train.mesh import LOGICAL_RULES, data_parallel_size, host_array
+from zoo.train.mesh import LOGICAL_RULES, data_parallel_size, host_array, local_rows
 from zoo.train.step import put_batch, token_losses
 
 
@@ -127,18 +127,11 @@ def perplexity(config: ModelConfig, params, tokenizer: Tokenizer, text: str, *, 
         for start in tqdm(range(0, len(windows), batch_size), desc=f"perplexity {source}", unit="batch",
                           disable=not progress or jax.process_index() > 0):
             batch = _window_batch(ids, windows[start:start + batch_size], context, batch_size)
-            local = _local_rows(batch, batch_size)
+            local = local_rows(batch, batch_size)
             per_token = host_array(nll_fn(params, put_batch(local, mesh)))
             total += float(np.sum(per_token, dtype=np.float64))
     tokens = len(ids) - 1
     return PerplexityResult(source=source, tokens=tokens, bytes=scored_bytes, nll=total,
                             perplexity=math.exp(total / tokens), bits_per_byte=total / (math.log(2) * scored_bytes),
                             context=context, stride=stride, windows=len(windows))
-
-
-def _local_rows(batch: dict, global_rows: int) -> dict:
-    """This process's share of a global batch (every process builds the same global batch)."""
-    count, index = jax.process_count(), jax.process_index()
-    rows = slice(index * global_rows // count, (index + 1) * global_rows // count)
-    return {k: v[rows] for k, v in batch.items()}
 

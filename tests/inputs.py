@@ -83,6 +83,20 @@ def decode_on_mesh(module, params, x, positions, segments, chunks, max_len, rule
     return np.asarray(outs), cache
 
 
+def small_hybrid(max_seq_len: int, chunk_size: int):
+    """An attention + Mamba-2 model config with the byte tokenizer's vocabulary, for checkpoint-level tests."""
+    from zoo.config import LayerConfig, ModelConfig
+    from zoo.layers.attention import AttentionConfig
+    from zoo.layers.mamba2 import Mamba2Config
+    from zoo.tokenizer import ByteTokenizer
+
+    layers = (LayerConfig("attention", AttentionConfig(4, 2, 8)),
+              LayerConfig("mamba2", Mamba2Config(num_heads=4, head_dim=8, state_dim=8, num_groups=2,
+                                                 chunk_size=chunk_size)))
+    return ModelConfig(vocab_size=ByteTokenizer.padded_vocab_size, d_model=32, mlp_hidden=64, layers=layers,
+                       max_seq_len=max_seq_len)
+
+
 def saved_model(directory, config, step: int, seed: int):
     """A zoo checkpoint of `config` with random weights (byte tokenizer) in `directory`; returns the directory."""
     from zoo.model import init_params

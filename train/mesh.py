@@ -161,3 +161,10 @@ def host_array(array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(array)
+
+
+def local_rows(batch: dict, global_rows: int) -> dict:
+    """This process's share of a global batch that every process built whole (eval batches)."""
+    count, index = jax.process_count(), jax.process_index()
+    rows = slice(index * global_rows // count, (index + 1) * global_rows // count)
+    return {k: v[rows] for k, v in batch.items()}

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from zoo.eval import command as eval_command  # light: its tasks import their modules when run
+
 
 def _demo(args) -> int:
     from zoo.demo import DemoSettings, run_demo
@@ -91,45 +93,6 @@ def _generate(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = generator([tokenizer.encode(args.prompt)], args.max_new_tokens, sampling, seed=args.seed)[0]
     print(args.prompt + tokenizer.decode(out))
-    return 0
-
-
-EVAL_TASKS = ("ppl",)
-
-
-def _eval(args) -> int:
-    from zoo.eval.perplexity import perplexity
-    from zoo.eval.report import default_results_dir, markdown_table, write_result
-    from zoo.train.checkpoint import load_model
-    from zoo.train.mesh import make_mesh, parse_mesh
-
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
-    if not tasks or unknown:
-        raise ValueError(f"--tasks: {', '.join(unknown) or 'none given'}; the tasks are {', '.join(EVAL_TASKS)}")
-    if "ppl" in tasks and not args.data:
-        raise ValueError("--tasks ppl needs --data: the text files to score")
-    files = [Path(f) for f in (args.data or "").split(",") if f]
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"--data: no such file: {f}")
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
-    mesh = make_mesh(parse_mesh(args.mesh))
-    model = load_model(checkpoint, mesh)
-    out = Path(args.out) if args.out else default_results_dir(checkpoint)
-    results = [perplexity(model.config, model.params, model.tokenizer, f.read_text(encoding="utf-8"), mesh=mesh,
-                          source=str(f), context=args.context, stride=args.stride, batch_size=args.batch_size)
-               for f in files]
-    rows = [r.to_dict() for r in results]
-    columns = [("source", "text", "s"), ("tokens", "tokens", ",d"), ("context", "context", "d"),
-               ("stride", "stride", "d"), ("perplexity", "perplexity", ".4f"), ("bits_per_byte", "bits/byte", ".4f")]
-    summary = (f"# Perplexity of {checkpoint} (step {model.step})\n\n" + markdown_table(rows, columns))
-    record = {"task": "ppl", "checkpoint": str(checkpoint), "step": model.step, "mesh": dict(mesh.shape),
-              "results": rows}
-    written = write_result(out, "ppl", record, summary, overwrite=args.overwrite)
-    print(summary + f"\nwritten: {written[0]} and {written[1].name}")
     return 0
 
 
@@ -326,17 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--out", help="run directory (default runs/distill-TIMESTAMP)")
     dis.set_defaults(run=_distill)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint (zoo run, step or Hugging Face directory) on any mesh")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--tasks", default="ppl", help=f"comma-separated: {', '.join(EVAL_TASKS)}")
-    ev.add_argument("--data", help="ppl: text files to score, comma-separated (each is one document)")
-    ev.add_argument("--context", type=int, help="ppl: tokens per window (default: the model's max_seq_len)")
-    ev.add_argument("--stride", type=int, help="ppl: tokens between window starts (default: half the context)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch, split over data x fsdp")
-    ev.add_argument("--mesh", help="device mesh, e.g. data=4,tensor=2 (default: all devices on data)")
-    ev.add_argument("--out", help="results folder (default: RUN/eval/STEP, or HF_DIR/eval)")
-    ev.add_argument("--overwrite", action="store_true", help="replace earlier results instead of numbering new ones")
-    ev.set_defaults(run=_eval)
+    ev = sub.add_parser("eval", help="evaluate checkpoints (zoo run, step or Hugging Face directory) on any mesh")
+    eval_command.add_arguments(ev)
+    ev.set_defaults(run=eval_command.run)
     return parser
 
 
