@@ -20,20 +20,27 @@ from zoo.layers.mamba2 import Mamba2Config
 from zoo.train.synthetic import mqar_accuracy, train_mqar
 
 
-def model(kind: str, d_model: int, vocab: int, max_seq_len: int) -> ModelConfig:
+def mixer(kind: str, d_model: int) -> LayerConfig:
     if kind == "attention":
-        mixer = LayerConfig("attention", AttentionConfig(d_model // 16, d_model // 16, 16))
-    elif kind == "gated_deltanet":  # one head of key width 8: an 8 x 16 state a layer
-        mixer = LayerConfig("gated_deltanet", GatedDeltaNetConfig(num_heads=1, head_dim=8, chunk_size=32))
-    else:  # Mamba-2 with state 8
-        mixer = LayerConfig("mamba2", Mamba2Config(num_heads=2, head_dim=16, state_dim=8, num_groups=1, chunk_size=32))
-    return ModelConfig(vocab_size=vocab, d_model=d_model, mlp_hidden=2 * d_model, layers=(mixer, mixer),
-                       max_seq_len=max_seq_len)
+        return LayerConfig("attention", AttentionConfig(d_model // 16, d_model // 16, 16))
+    if kind == "gated_deltanet":  # one head of key width 8: an 8 x 16 state a layer
+        return LayerConfig("gated_deltanet", GatedDeltaNetConfig(num_heads=1, head_dim=8, chunk_size=32))
+    if kind == "mamba2":  # state 8 per channel
+        return LayerConfig("mamba2", Mamba2Config(num_heads=2, head_dim=16, state_dim=8, num_groups=1, chunk_size=32))
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def model(kinds: str, d_model: int, vocab: int, max_seq_len: int) -> ModelConfig:
+    """kinds: one layer kind for both layers ("attention"), or two joined by "+" ("mamba2+attention")."""
+    first, _, second = kinds.partition("+")
+    return ModelConfig(vocab_size=vocab, d_model=d_model, mlp_hidden=2 * d_model,
+                       layers=(mixer(first, d_model), mixer(second or first, d_model)), max_seq_len=max_seq_len)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="attention,gated_deltanet,mamba2")
+    parser.add_argument("--models", default="attention,mamba2+attention,gated_deltanet,mamba2",
+                        help="two-layer models: a layer kind for both layers, or FIRST+SECOND")
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--train-pairs", default="2,4,8,16")
