@@ -12,11 +12,10 @@
 #                                  carried Tiny Shakespeare), distilled by `zoo distill` into 50% Mamba-2 (AM), 75% Gated
 #                                  DeltaNet + sliding-window attention (GGGS), 50% mLSTM (AX) and MLA;
 #                                  bench/distill_table.py and bench/mla_conversion.py on the teacher -> $OUT
-#   bench/device_run.sh eval-models the distill teacher and its AM, AX and GGGS students (as `distill`, saved under
-#                                  .device_runs/ so that a next call on the warm machine finds them), and beside them
-#                                  bench/mqar_recipe.py (MQAR learning speed of small attention / recurrent models)
-#   bench/device_run.sh eval       `zoo eval` of those four checkpoints: perplexity on the held-out tail of $DATA,
-#                                  MQAR, passkey and generation speed (plot) -> $OUT/eval.tgz
+#   bench/device_run.sh eval-models bench/eval_students.sh models at gqa-125m (the distill teacher, its AM, AX and GGGS
+#                                  students, in .device_runs/ for the next call on the warm machine), and beside it
+#                                  bench/mqar_recipe.py
+#   bench/device_run.sh eval       bench/eval_students.sh eval: `zoo eval` of those four -> $OUT/eval.tgz
 #   bench/device_run.sh convert    the Hugging Face golden fixtures (tests/fixtures/hf, written to $OUT/fixtures) and
 #                                  the live zoo-vs-transformers parity check (torch + transformers are on the image)
 # .whl (git-ignored through .git/info/exclude): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
@@ -89,32 +88,18 @@ case "${1:-bench}" in
     (cd /tmp && tar czf "$OUT/distill_logs.tgz" teacher/metrics.jsonl mla_conversion.log distill_*.log \
       */distill_summary.json */metrics.jsonl 2>/dev/null)
     cat "$OUT/times.txt" "$OUT/distill_table.md" ;;
-  eval-models)
-    repo=$PWD data=$PWD/${DATA:-.whl/data/input.txt} runs=$PWD/.device_runs
-    rm -rf "$runs" && mkdir -p "$runs"
-    (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 python3 "$repo/bench/mqar_recipe.py" ${MQAR_ARGS:-} \
-      --out "$OUT/mqar_recipe.jsonl" > "$OUT/mqar_recipe.log" 2>&1) &
-    common="--data $data --seq-len 512"
-    (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 python3 -m zoo.cli train --preset gqa-125m $common --steps 150 --batch-size 32 \
-      --set model.vocab_size=320 --set optim.learning_rate=1e-3 --set eval_every=50 --set checkpoint_every=10000 \
-      --set log_every=50 --out "$runs/teacher" 2>&1) | tr '\r' '\n' | grep -v "^training: " | tail -2
-    declare -A students=([am]="--student-pattern AM" [ax]="--student-pattern AX" [gggs]="--student-pattern GGGS --window 128")
-    for name in am ax gggs; do
-      (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.18 python3 -m zoo.cli distill --teacher "$runs/teacher" ${students[$name]} \
-        --stages mixer,block,kl --stage-steps ${STAGE_STEPS:-50,50,300} $common --batch-size 16 --lr 1e-3 \
-        --eval-every 10000 --checkpoint-every 10000 --log-every 50 --out "$runs/$name" 2>&1 | tr '\r' '\n' | tail -2;
-       cp "$runs/$name/distill_summary.json" "$OUT/$name.json") &
-    done
+  eval-models|eval)
+    # bench/eval_students.sh at the distill table's settings; the runs stay in .device_runs/ (git-ignored, so kept
+    # on the warm machine) for the `eval` call that follows. eval-models also runs bench/mqar_recipe.py beside.
+    [[ $1 == eval-models ]] && (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 python3 "$PWD/bench/mqar_recipe.py" \
+      ${MQAR_ARGS:-} --out "$OUT/mqar_recipe.jsonl" > "$OUT/mqar_recipe.log" 2>&1) &
+    phase=$([[ $1 == eval-models ]] && echo models || echo eval)
+    ZOO="python3 -m zoo.cli" DATA=${DATA:-.whl/data/input.txt} RUNS=.device_runs PRESET=gqa-125m VOCAB=320 SEQ_LEN=512 \
+      TEACHER_STEPS=150 TEACHER_BATCH=32 STAGE_STEPS=${STAGE_STEPS:-50,50,300} STUDENT_BATCH=16 PARALLEL=1 \
+      MEMORY_FRACTION=0.18 EVAL_ARGS="--batch-size 16 --passkey-lengths 512,1024,2048,4096 --speed-batch 8
+      --speed-lengths ${SPEED_LENGTHS:-512,2048,4000}" bash bench/eval_students.sh $phase | tee "$OUT/$phase.log"
     wait
-    ls "$runs"/*/checkpoints ;;
-  eval)
-    runs=$PWD/.device_runs
-    tail -c 22000 "$PWD/${DATA:-.whl/data/input.txt}" > /tmp/heldout.txt  # inside the rows `zoo train` held out
-    (cd /tmp && python3 -m zoo.cli eval "$runs/teacher" "$runs/am" "$runs/ax" "$runs/gggs" \
-      --tasks ${TASKS:-ppl,mqar,passkey,speed} --data /tmp/heldout.txt --context 512 --stride 256 --batch-size 16 \
-      --passkey-lengths 512,1024,2048,4096 --speed-lengths ${SPEED_LENGTHS:-512,2048,4000} --speed-batch 8 \
-      --out /tmp/eval 2>&1) | tr '\r' '\n' | grep -v "it/s\]$\|batch/s\]$\|length/s\]$" | tee "$OUT/eval.log" | grep -v "^|"
-    tar czf "$OUT/eval.tgz" -C /tmp eval ;;
+    [[ $phase == eval ]] && tar czf "$OUT/eval.tgz" -C .device_runs eval ;;
   convert)
     repo=$PWD
     # One archive: a call brings back only a few files.

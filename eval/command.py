@@ -74,6 +74,8 @@ def _mc_specs(text: str | None) -> list[tuple[str, str | None]]:
 
 
 def run(args) -> int:
+    import jax
+
     from zoo.train.checkpoint import load_model
     from zoo.train.mesh import make_mesh, parse_mesh
 
@@ -96,6 +98,7 @@ def run(args) -> int:
         if not c.exists():
             raise FileNotFoundError(f"{c}: no such checkpoint directory")
     mesh = make_mesh(parse_mesh(args.mesh))
+    writer = jax.process_index() == 0
 
     speeds: dict[str, list[dict]] = {}
     plots = []
@@ -119,6 +122,8 @@ def run(args) -> int:
             else:
                 record, summary = _speed(model, speed_lengths, args, title)
                 speeds[_label(checkpoint, model)] = record["results"]
+            if not writer:  # every process scores (the batches are sharded), one writes
+                continue
             written = write_result(out, task, {"task": task, **head, **record}, summary, overwrite=args.overwrite)
             print(summary + f"\nwritten: {written[0]} and {written[1].name}\n")
             if task == "speed":

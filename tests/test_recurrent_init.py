@@ -47,7 +47,7 @@ def test_mapping_and_kept_weights(rng):
     jax.tree.map(np.testing.assert_array_equal, {k: new[k] for k in kept}, kept)
     for i in range(4):  # MLPs and norms of replaced layers stay
         jax.tree.map(np.testing.assert_array_equal, new[f"layer_{i}"]["mlp"], params[f"layer_{i}"]["mlp"])
-    logits = DecoderLM(hybrid).apply({"params": new}, rng.integers(0, 48, (2, 12)))[0]
+    logits = jax.jit(lambda p, x: DecoderLM(hybrid).apply({"params": p}, x)[0])(new, rng.integers(0, 48, (2, 12)))
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
