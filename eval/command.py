@@ -23,7 +23,7 @@ def add_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--limit", type=int, help="mc: score only the first N questions of each task")
     ev.add_argument("--truncate", action="store_true",
                     help="mc: drop the oldest context tokens of a too-long question instead of stopping")
-    ev.add_argument("--mqar-pairs", default="4,8,16,32,64", help="mqar: key-value pair counts")
+    ev.add_argument("--mqar-pairs", default="4,8,16,32", help="mqar: key-value pair counts (at most half the visible tokens)")
     ev.add_argument("--mqar-examples", type=int, default=256, help="mqar: sequences per pair count")
     ev.add_argument("--passkey-lengths", help="passkey: prompt lengths in tokens (default: 256 up to max_seq_len)")
     ev.add_argument("--passkey-trials", type=int, default=4, help="passkey: keys per length and depth")

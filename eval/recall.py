@@ -43,12 +43,29 @@ class TokenRange:
 
 
 def ordinary_tokens(tokenizer, vocab_size: int) -> TokenRange:
-    """The largest id range free of the tokenizer's special tokens (which mean something to a trained model)."""
-    specials = sorted({i for i in (getattr(tokenizer, n, None) for n in ("bos_id", "eos_id", "pad_id"))
-                       if i is not None and 0 <= i < vocab_size})
-    bounds = [-1, *specials, vocab_size]
-    low, high = max(((a + 1, b) for a, b in zip(bounds, bounds[1:])), key=lambda r: r[1] - r[0])
-    return TokenRange(low, high)
+    """The longest run of ids that each decode to visible text and are not special tokens: what a model trained
+    on text predicts (a byte-level model never predicts a lone UTF-8 continuation byte, nor a BOS)."""
+    specials = {i for i in (getattr(tokenizer, n, None) for n in ("bos_id", "eos_id", "pad_id")) if i is not None}
+
+    def visible(i: int) -> bool:
+        if i in specials:
+            return False
+        try:
+            text = tokenizer.decode([i])
+        except Exception:  # ids past the tokenizer's own vocabulary (padded embedding rows)
+            return False
+        return bool(text.strip()) and text.isprintable() and "\ufffd" not in text
+
+    best, start = (0, 0), None
+    for i in range(vocab_size + 1):
+        if i < vocab_size and visible(i):
+            start = i if start is None else start
+        elif start is not None:
+            best = max(best, (start, i), key=lambda r: r[1] - r[0])
+            start = None
+    if best[1] - best[0] < 4:
+        raise ValueError("the tokenizer has no run of 4 visible tokens to draw MQAR keys and values from")
+    return TokenRange(*best)
 
 
 def mqar_batch(rng: np.random.Generator, rows: int, pairs: int, tokens: TokenRange, prefix: tuple[int, ...] = ()

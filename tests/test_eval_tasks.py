@@ -202,8 +202,9 @@ def test_mqar_sequences_query_every_key_once(rng):
         assert list(row[scored]) == list(asked[:, 1]) and list(row[scored - 1]) == list(asked[:, 0])
 
 
-def test_ordinary_tokens_avoid_special_ids():
-    assert ordinary_tokens(ByteTokenizer(), ByteTokenizer.padded_vocab_size) == TokenRange(0, 256)
+def test_recall_tokens_are_visible_text():
+    # bytes 33-126: printable ASCII without the space; never a control byte, a UTF-8 fragment or BOS / EOS
+    assert ordinary_tokens(ByteTokenizer(), ByteTokenizer.padded_vocab_size) == TokenRange(33, 127)
 
 
 def test_passkey_prompts_fit_and_hide_the_key_at_its_depth(rng):
