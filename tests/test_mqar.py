@@ -5,7 +5,7 @@ Attention keeps every pair and recalls all of them (~100%); the delta-rule layer
 width 8) holds a few associations, so its accuracy falls as the pairs grow. The first layer of both is
 Mamba-2, whose short convolution hands each value the key before it: with attention in both layers, the
 two-layer induction circuit takes far longer to form (bench/mqar_recipe.py measured 0.76 / 0.53 / 0.35 / 0.23
-at 2 / 4 / 8 / 16 pairs after 3,000 steps on a CPU, against 100% at 750 steps for this model; other seeds need up to ~1,500). Slow: ~5 minutes on 2 CPU cores;
+at 2 / 4 / 8 / 16 pairs after 3,000 steps on a CPU, against 100% at 750 steps for this model; other seeds need up to ~1,500). Slow: ~7 minutes on 2 CPU cores;
 `make test-all` runs it."""
 
 from __future__ import annotations
