@@ -138,7 +138,12 @@ def run(args) -> int:
 
 
 def _label(checkpoint: Path, model) -> str:
-    kinds = "".join(layer.mixer[0].upper() for layer in model.config.layers)
+    """The checkpoint's name and its layers in zoo distill's letters (AM, GGGS, ...) when they fit."""
+    from zoo.recurrent_init import LETTERS
+
+    letter_of = {mixer: letter for letter, mixer in LETTERS.items()}
+    kinds = "".join("S" if layer.mixer == "attention" and getattr(layer.mixer_config, "window", None)
+                    else letter_of.get(layer.mixer, "?") for layer in model.config.layers)
     return f"{checkpoint.name} ({kinds})" if len(kinds) <= 16 else checkpoint.name
 
 

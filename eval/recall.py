@@ -42,7 +42,7 @@ class TokenRange:
                              f"[{self.low}, {self.middle}) has {self.middle - self.low}")
 
 
-def ordinary_tokens(tokenizer, vocab_size: int) -> TokenRange:
+def visible_tokens(tokenizer, vocab_size: int) -> TokenRange:
     """The longest run of ids that each decode to visible text and are not special tokens: what a model trained
     on text predicts (a byte-level model never predicts a lone UTF-8 continuation byte, nor a BOS)."""
     specials = {i for i in (getattr(tokenizer, n, None) for n in ("bos_id", "eos_id", "pad_id")) if i is not None}
@@ -92,7 +92,7 @@ def mqar(config, params, tokenizer, *, mesh, pair_counts: list[int], examples: i
     every query right. One forward pass scores all queries of a sequence."""
     bos = getattr(tokenizer, "bos_id", None)
     prefix = () if bos is None else (bos,)
-    tokens = ordinary_tokens(tokenizer, config.vocab_size)
+    tokens = visible_tokens(tokenizer, config.vocab_size)
     results = []
     for pairs in pair_counts:
         if len(prefix) + 4 * pairs - 1 > config.max_seq_len:

@@ -18,7 +18,7 @@ from zoo.cli import main as zoo_main
 from zoo.eval.harness import ZooLM
 from zoo.eval.loglikelihood import Request, encode_pair, score_requests
 from zoo.eval.multiple_choice import TASKS, evaluate, load_task, parse_lines
-from zoo.eval.recall import TokenRange, mqar_batch, ordinary_tokens, passkey_prompt
+from zoo.eval.recall import TokenRange, mqar_batch, visible_tokens, passkey_prompt
 from zoo.eval.speed import cache_bytes, measure, plot
 from zoo.model import DecoderLM
 from zoo.tokenizer import ByteTokenizer
@@ -204,7 +204,7 @@ def test_mqar_sequences_query_every_key_once(rng):
 
 def test_recall_tokens_are_visible_text():
     # bytes 33-126: printable ASCII without the space; never a control byte, a UTF-8 fragment or BOS / EOS
-    assert ordinary_tokens(ByteTokenizer(), ByteTokenizer.padded_vocab_size) == TokenRange(33, 127)
+    assert visible_tokens(ByteTokenizer(), ByteTokenizer.padded_vocab_size) == TokenRange(33, 127)
 
 
 def test_passkey_prompts_fit_and_hide_the_key_at_its_depth(rng):
