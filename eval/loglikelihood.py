@@ -50,7 +50,7 @@ def too_long(what: str, tokens: int, limit: int, hint: str = "") -> ConfigError:
 
 
 @functools.cache
-def _token_scores(config: ModelConfig):
+def compiled_token_scores(config: ModelConfig):
     """(log p of each target, target == argmax) [B, L] per config: one compile per config and width."""
 
     def scores(params, batch):
@@ -115,7 +115,7 @@ def token_scores(config: ModelConfig, params, rows: list[list[int]], *, mesh: Me
             raise too_long(f"row {i}", len(row), limit)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list = [None] * len(rows)
-    fn = _token_scores(config)
+    fn = compiled_token_scores(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
                           disable=not progress or jax.process_index() > 0):

@@ -14,7 +14,6 @@ UTF-8 bytes scored), comparable across tokenizers.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -26,10 +25,10 @@ from tqdm.auto import tqdm
 
 from zoo.config import ModelConfig
 from zoo.errors import ConfigError
-from zoo.model import DecoderLM
+from zoo.eval.loglikelihood import compiled_token_scores
 from zoo.tokenizer import Tokenizer
 from zoo.train.mesh import LOGICAL_RULES, data_parallel_size, host_array, local_rows
-from zoo.train.step import put_batch, token_losses
+from zoo.train.step import put_batch
 
 
 @dataclass(frozen=True)
@@ -67,18 +66,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@functools.cache
-def _token_nll(config: ModelConfig):
-    """Per-token negative log-likelihood [B, L] (float32, zero where the weight is zero); one compile per config."""
-
-    def nll(params, batch):
-        logits = DecoderLM(config).apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                                         segment_ids=batch["segment_ids"])[0]
-        return token_losses(logits, batch["targets"])[0] * batch["weights"]
-
-    return jax.jit(nll)
 
 
 def _window_batch(ids: np.ndarray, windows: list[Window], context: int, rows: int) -> dict[str, np.ndarray]:
@@ -121,15 +108,15 @@ def perplexity(config: ModelConfig, params, tokenizer: Tokenizer, text: str, *, 
     if bos is None:  # the first token has no history to be scored from
         scored_bytes -= len(tokenizer.decode(ids[:1].tolist()).encode("utf-8"))
     windows = sliding_windows(len(ids) - 1, context, stride)
-    nll_fn = _token_nll(config)
+    scores = compiled_token_scores(config)
     total = 0.0
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         for start in tqdm(range(0, len(windows), batch_size), desc=f"perplexity {source}", unit="batch",
                           disable=not progress or jax.process_index() > 0):
             batch = _window_batch(ids, windows[start:start + batch_size], context, batch_size)
             local = local_rows(batch, batch_size)
-            per_token = host_array(nll_fn(params, put_batch(local, mesh)))
-            total += float(np.sum(per_token, dtype=np.float64))
+            logprob = host_array(scores(params, put_batch(local, mesh))[0])
+            total -= float(np.sum(logprob * batch["weights"], dtype=np.float64))
     tokens = len(ids) - 1
     return PerplexityResult(source=source, tokens=tokens, bytes=scored_bytes, nll=total,
                             perplexity=math.exp(total / tokens), bits_per_byte=total / (math.log(2) * scored_bytes),

@@ -4,7 +4,9 @@ For each context length L: the prefill of a batch of L-token prompts into the ca
 the median time), then `decode_tokens` greedy decode steps from that cache in one jitted loop (tokens/s =
 batch x decode_tokens / the median time), and the bytes of the decode state that a cache for L tokens holds
 (attention's KV grows with L, a recurrent layer's state does not). Times are medians over `repeats` calls
-after one compiling call; the prompts are random tokens (speed does not depend on them).
+after one compiling call; the prompts are random tokens (speed does not depend on them). A decode call starts
+from the prefilled cache without donating it, so its time includes one copy of the cache (small against
+`decode_tokens` steps that each read all of it).
 """
 
 from __future__ import annotations
