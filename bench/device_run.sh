@@ -14,11 +14,11 @@
 #                                  bench/distill_table.py and bench/mla_conversion.py on the teacher -> $OUT
 #   bench/device_run.sh eval-models bench/eval_students.sh models at gqa-125m (the distill teacher, its AM, AX and GGGS
 #                                  students, in .device_runs/ for the next call on the warm machine), and beside it
-#                                  bench/mqar_recipe.py
+#                                  bench/mqar_recipe.py (MQAR_ARGS, stopped after MQAR_SECONDS, default 480)
 #   bench/device_run.sh eval       bench/eval_students.sh eval: `zoo eval` of those four -> $OUT/eval.tgz
 #   bench/device_run.sh convert    the Hugging Face golden fixtures (tests/fixtures/hf, written to $OUT/fixtures) and
 #                                  the live zoo-vs-transformers parity check (torch + transformers are on the image)
-# .whl (git-ignored through .git/info/exclude): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
+# .whl (git-ignored): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 tensorboardX==2.6.5
 set -uo pipefail
@@ -91,10 +91,10 @@ case "${1:-bench}" in
   eval-models|eval)
     # bench/eval_students.sh at the distill table's settings; the runs stay in .device_runs/ (git-ignored, so kept
     # on the warm machine) for the `eval` call that follows. eval-models also runs bench/mqar_recipe.py beside.
-    [[ $1 == eval-models ]] && (cd /tmp && XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 python3 "$PWD/bench/mqar_recipe.py" \
+    [[ $1 == eval-models ]] && (XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 timeout ${MQAR_SECONDS:-480} python3 -P bench/mqar_recipe.py \
       ${MQAR_ARGS:-} --out "$OUT/mqar_recipe.jsonl" > "$OUT/mqar_recipe.log" 2>&1) &
     phase=$([[ $1 == eval-models ]] && echo models || echo eval)
-    ZOO="python3 -m zoo.cli" DATA=${DATA:-.whl/data/input.txt} RUNS=.device_runs PRESET=gqa-125m VOCAB=320 SEQ_LEN=512 \
+    ZOO="python3 -P -m zoo.cli" DATA=${DATA:-.whl/data/input.txt} RUNS=.device_runs PRESET=gqa-125m VOCAB=320 SEQ_LEN=512 \
       TEACHER_STEPS=150 TEACHER_BATCH=32 STAGE_STEPS=${STAGE_STEPS:-50,50,300} STUDENT_BATCH=16 PARALLEL=1 \
       MEMORY_FRACTION=0.18 EVAL_ARGS="--batch-size 16 --passkey-lengths 512,1024,2048,4096 --speed-batch 8
       --speed-lengths ${SPEED_LENGTHS:-512,2048,4000}" bash bench/eval_students.sh $phase | tee "$OUT/$phase.log"
