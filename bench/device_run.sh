@@ -16,6 +16,8 @@
 #                                  students, in .device_runs/ for the next call on the warm machine), and beside it
 #                                  bench/mqar_recipe.py (MQAR_ARGS, stopped after MQAR_SECONDS, default 480)
 #   bench/device_run.sh eval       bench/eval_students.sh eval: `zoo eval` of those four -> $OUT/eval.tgz
+#   bench/device_run.sh listops    bench/listops.py: the LRA ListOps splits drawn on every core, then S4D and the
+#                                  transformer trained side by side (RUNS="model:lr ...", LISTOPS_SECONDS each) -> $OUT
 #   bench/device_run.sh convert    the Hugging Face golden fixtures (tests/fixtures/hf, written to $OUT/fixtures) and
 #                                  the live zoo-vs-transformers parity check (torch + transformers are on the image)
 # .whl (git-ignored): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
@@ -106,6 +108,15 @@ case "${1:-bench}" in
     (cd /tmp && python3 "$repo/tests/fixtures/hf/make_fixtures.py" --out /tmp/fixtures 2>&1) | tee "$OUT/fixtures.log"
     tar czf "$OUT/hf_fixtures.tgz" -C /tmp/fixtures .
     (cd /tmp && python3 "$repo/tests/fixtures/hf/make_fixtures.py" --live "$OUT" 2>&1) | tee "$OUT/hf_parity.log" ;;
+  listops)
+    python3 -P bench/listops.py --data /tmp/listops.npz --draw-only 2>&1 | tr '\r' '\n' | grep -v "row/s]$" | tail -3
+    for run in ${RUNS:-s4d:1e-2 s4d:3e-3 transformer:1e-3 transformer:3e-4}; do
+      (XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 python3 -P bench/listops.py --data /tmp/listops.npz --model ${run%%:*} \
+        --lr ${run##*:} --seconds ${LISTOPS_SECONDS:-300} --every 500 --out "$OUT/listops.jsonl" \
+        > "$OUT/listops_${run/:/_}.log" 2>&1) &
+    done
+    wait
+    grep final "$OUT/listops.jsonl" ;;
   impl-train)
     for impl in xla pallas; do
       (cd /tmp && python3 -m zoo.cli train --preset "${PRESET:-mamba2-hybrid-125m}" --steps "${STEPS:-100}" --batch-size 16 \

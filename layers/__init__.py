@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from zoo.layers.attention import Attention, AttentionConfig
+from zoo.layers.duo_attention import DuoAttention, DuoAttentionConfig
 from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
 from zoo.layers.mla import MLA, MLAConfig, TPLAConfig
@@ -26,6 +27,7 @@ class MixerSpec(NamedTuple):
 
 MIXERS: dict[str, MixerSpec] = {
     "attention": MixerSpec(AttentionConfig, Attention, False),
+    "duo_attention": MixerSpec(DuoAttentionConfig, DuoAttention, False),
     "mla": MixerSpec(MLAConfig, MLA, False),
     "tpla": MixerSpec(TPLAConfig, MLA, False),
     "mamba2": MixerSpec(Mamba2Config, Mamba2, True),
