@@ -104,8 +104,10 @@ def _convert(args) -> int:
     source, out = Path(args.source), Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick another --out")
-    to_mla = args.mla_rank is not None
-    if not (is_hf_checkpoint(source) or to_mla):  # zoo -> Hugging Face
+    to_mla, to_duo = args.mla_rank is not None, args.duo
+    if to_mla and to_duo:
+        raise ValueError("--mla-rank and --duo are two different conversions; pick one")
+    if not (is_hf_checkpoint(source) or to_mla or to_duo):  # zoo -> Hugging Face
         loaded = load_model(source)
         origin = HFOrigin.from_dict(loaded.origin) if loaded.origin else None
         export_hf(loaded.config, loaded.params, out, tokenizer=loaded.tokenizer, origin=origin, dtype=args.dtype,
@@ -128,11 +130,21 @@ def _convert(args) -> int:
                                    tp=args.tpla)
         config, params, reports = convert_model(config, params, conversion)
         origin = None  # an MLA model has no Hugging Face form to export back to
+    if to_duo:
+        config, duo_report = _duo_conversion(args, config, params, tokenizer)
+        origin = None  # DuoAttention layers have no Hugging Face form
     checkpoints = Checkpoints(out / "checkpoints")
     checkpoints.save_model(0, params, config, tokenizer, {"converted_from": str(source.absolute())}, origin=origin)
     checkpoints.wait()
     checkpoints.close()
     print(f"{source} -> zoo checkpoint {out} ({count_params(config):,} parameters, {config.n_layers} layers)")
+    if to_duo:
+        import json
+
+        (out / "duo_heads.json").write_text(json.dumps(duo_report, indent=2) + "\n")
+        print(f"DuoAttention: {duo_report['retrieval_kv_heads']} of {duo_report['kv_heads']} KV heads keep the whole "
+              f"context; the rest keep {duo_report['sink_tokens']} sinks + {duo_report['window']} recent tokens "
+              f"(gates and choice in {out / 'duo_heads.json'})")
     if reports:
         import json
 
@@ -142,6 +154,25 @@ def _convert(args) -> int:
               f"{first['cache_per_token']} values (was {first['source_cache_per_token']}); K/V energy kept "
               f"{min(r['kv_energy_kept'] for r in reports):.4f}-{max(r['kv_energy_kept'] for r in reports):.4f}")
     return 0
+
+
+def _duo_conversion(args, config, params, tokenizer):
+    """DuoAttention gates trained on passkey sequences (zoo.train.duo), then the retrieval heads chosen."""
+    from zoo.train.duo import choose_retrieval_heads, duo_config, identify_retrieval_heads
+
+    history = []
+    gates = identify_retrieval_heads(config, params, tokenizer, window=args.duo_window, sink_tokens=args.duo_sinks,
+                                     steps=args.duo_steps, batch_size=args.duo_batch, length=args.duo_length,
+                                     learning_rate=args.duo_lr, l1=args.duo_l1, log=history.append)
+    chosen = choose_retrieval_heads(gates, fraction=None if args.duo_threshold is not None else args.duo_retrieval,
+                                    threshold=args.duo_threshold)
+    report = {"window": args.duo_window, "sink_tokens": args.duo_sinks, "steps": args.duo_steps,
+              "length": args.duo_length, "l1": args.duo_l1, "learning_rate": args.duo_lr,
+              "kv_heads": sum(len(g) for g in gates.values()),
+              "retrieval_kv_heads": sum(len(h) for h in chosen.values()),
+              "gates": {str(i): [round(float(x), 4) for x in g] for i, g in gates.items()},
+              "retrieval_heads": {str(i): list(h) for i, h in chosen.items()}, "history": history}
+    return duo_config(config, window=args.duo_window, sink_tokens=args.duo_sinks, retrieval_heads=chosen), report
 
 
 def _distill(args) -> int:
@@ -238,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The direction follows SOURCE: a Hugging Face directory (config.json + safetensors + "
                     "tokenizer.json) becomes a zoo checkpoint directory; a zoo run, checkpoints or step directory "
                     "becomes a Hugging Face directory (uniform attention transformers only). With --mla-rank, "
-                    "either source becomes a zoo checkpoint whose attention layers are MLA (MHA2MLA-style).")
+                    "either source becomes a zoo checkpoint whose attention layers are MLA (MHA2MLA-style); with --duo, "
+                    "one whose full-attention layers are DuoAttention (retrieval heads chosen by trained gates).")
     conv.add_argument("source")
     conv.add_argument("--out", required=True, help="new or empty output directory")
     conv.add_argument("--mesh", help="import: place the params on this mesh as they are read, e.g. fsdp=8")
@@ -254,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--rope-keep", default="high", choices=("high", "norm"),
                       help="MLA: keep the highest-frequency pairs, or those with the largest q/k weight norms")
     conv.add_argument("--tpla", type=int, metavar="TP", help="MLA: make the layers TPLA with TP latent shards")
+    conv.add_argument("--duo", action="store_true",
+                      help="convert the full-attention layers to DuoAttention: gates per KV head trained on passkey "
+                           "sequences pick the retrieval heads (whole context); the others stream (sinks + window)")
+    conv.add_argument("--duo-window", type=int, default=256, help="DuoAttention: streaming heads' window (256)")
+    conv.add_argument("--duo-sinks", type=int, default=4, help="DuoAttention: streaming heads' sink tokens (4)")
+    conv.add_argument("--duo-retrieval", type=float, default=0.5,
+                      help="DuoAttention: fraction of KV heads kept as retrieval heads, highest gates first (0.5)")
+    conv.add_argument("--duo-threshold", type=float, help="DuoAttention: instead, every head whose gate exceeds this")
+    conv.add_argument("--duo-steps", type=int, default=200, help="DuoAttention: gate-training steps (200)")
+    conv.add_argument("--duo-batch", type=int, default=4, help="DuoAttention: passkey sequences per step (4)")
+    conv.add_argument("--duo-length", type=int, default=1024, help="DuoAttention: tokens per passkey sequence (1024)")
+    conv.add_argument("--duo-lr", type=float, default=0.02, help="DuoAttention: gate learning rate (0.02, Adam)")
+    conv.add_argument("--duo-l1", type=float, default=0.05, help="DuoAttention: L1 weight on the gates (0.05)")
     conv.set_defaults(run=_convert)
 
     dis = sub.add_parser(
