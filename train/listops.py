@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from zoo.classifier import SequenceClassifier
 from zoo.config import ModelConfig
+from zoo.train.synthetic import jitted_step
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -137,17 +138,6 @@ def _loss(config: ModelConfig, params, batch):
 
 
 @functools.cache
-def _step(config: ModelConfig, optimizer):
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(functools.partial(_loss, config))(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
-@functools.cache
 def _predict(config: ModelConfig):
     return jax.jit(lambda params, inputs: jnp.argmax(SequenceClassifier(config, NUM_CLASSES).apply({"params": params}, inputs), -1))
 
@@ -183,7 +173,7 @@ def train_classifier(config: ModelConfig, train: dict[str, np.ndarray], *, steps
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=weight_decay))
     opt_state = optimizer.init(params)
-    step = _step(config, optimizer)
+    step = jitted_step(_loss, config, optimizer)
     rng = np.random.default_rng(seed)
     order = np.empty(0, np.int64)
     started = time.perf_counter()

@@ -39,12 +39,13 @@ def _loss(config: ModelConfig, params, batch):
 
 
 @functools.cache
-def _step(config: ModelConfig, optimizer):
+def jitted_step(loss, config: ModelConfig, optimizer):
+    """One compiled optimizer step on `loss(config, params, batch)`, per (loss, config, optimizer)."""
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(functools.partial(_loss, config))(params, batch)
+        value, grads = jax.value_and_grad(functools.partial(loss, config))(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, value
 
     return step
 
@@ -60,7 +61,7 @@ def train_mqar(config: ModelConfig, *, pair_counts: tuple[int, ...], steps: int,
     params = init_params(config, jax.random.key(seed))
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, steps // 2), steps), weight_decay=0.1)
     opt_state = optimizer.init(params)
-    step = _step(config, optimizer)
+    step = jitted_step(_loss, config, optimizer)
     rng = np.random.default_rng(seed)
     bar = tqdm(range(steps), desc="mqar training", unit="step", disable=not progress)
     for i in bar:
