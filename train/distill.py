@@ -268,8 +268,11 @@ def _stage_step(config: DistillConfig, stage_index: int, teacher_config: ModelCo
     return call
 
 
-def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: bool = True) -> dict:
-    """Run (or resume) a distillation; returns the summary written to distill_summary.json."""
+def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: bool = True,
+            student: tuple[ModelConfig, dict, list[int]] | None = None) -> dict:
+    """Run (or resume) a distillation; returns the summary written to distill_summary.json. `student` (config,
+    host params, layers to align), when given, replaces the one build_student makes from the teacher (an
+    incremental round starts from the previous round's student: zoo.train.incremental)."""
     config.validate()
     run_dir = Path(run_dir).absolute()
     saved_config = run_dir / CONFIG_FILE
@@ -288,7 +291,7 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         raise ValueError(f"batch_size {config.batch_size} must split over the data x fsdp axes "
                          f"({data_parallel_size(mesh)} devices)")
     teacher = load_model(config.teacher, mesh)
-    student_config, host_params, replaced = build_student(config, teacher.config, teacher.params)
+    student_config, host_params, replaced = student or build_student(config, teacher.config, teacher.params)
     replaced = tuple(replaced)
     # Both models run on the requested kernels; the student is saved with the config it was built with.
     teacher_run, student_run = (c if config.kernel_impl == "auto" else c.with_kernel_impl(config.kernel_impl)

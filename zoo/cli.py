@@ -192,7 +192,15 @@ def _distill(args) -> int:
         log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, data=data,
         optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps))
     out = Path(args.out) if args.out else Path("runs") / f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
-    distill(config, out)
+    if args.incremental:
+        from zoo.train.incremental import IncrementalConfig, distill_incrementally
+
+        if args.student_pattern or args.mla_rank is not None:
+            raise ValueError("--incremental chooses the layers itself; leave out --student-pattern and --mla-rank")
+        distill_incrementally(config, IncrementalConfig(target_ratio=args.target_ratio, per_round=args.per_round,
+                                                        letter=args.replace_with), out)
+    else:
+        distill(config, out)
     return 0
 
 
@@ -332,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--eval-every", type=int, default=100)
     dis.add_argument("--checkpoint-every", type=int, default=200)
     dis.add_argument("--out", help="run directory (default runs/distill-TIMESTAMP)")
+    dis.add_argument("--incremental", action="store_true",
+                     help="replace attention layers in rounds, least important first (held-out loss increase when "
+                          "replaced), distilling after each round, until --target-ratio is replaced")
+    dis.add_argument("--target-ratio", type=float, default=0.5, help="incremental: fraction of attention layers to "
+                                                                      "replace (0.5)")
+    dis.add_argument("--per-round", type=int, default=1, help="incremental: layers replaced per round (1)")
+    dis.add_argument("--replace-with", default="M", help="incremental: what replaced layers become, a letter of "
+                                                         "--student-pattern other than A and S (M)")
     dis.set_defaults(run=_distill)
 
     ev = sub.add_parser("eval", help="evaluate checkpoints (zoo run, step or Hugging Face directory) on any mesh")
