@@ -142,6 +142,7 @@ def _label(checkpoint: Path, model) -> str:
     from zoo.recurrent_init import LETTERS
 
     letter_of = {mixer: letter for letter, mixer in LETTERS.items()}
+    letter_of["duo_attention"] = "D"
     kinds = "".join("S" if layer.mixer == "attention" and getattr(layer.mixer_config, "window", None)
                     else letter_of.get(layer.mixer, "?") for layer in model.config.layers)
     return f"{checkpoint.name} ({kinds})" if len(kinds) <= 16 else checkpoint.name
