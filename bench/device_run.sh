@@ -16,7 +16,8 @@
 #                                  students, in .device_runs/ for the next call on the warm machine), and beside it
 #                                  bench/mqar_recipe.py (MQAR_ARGS, stopped after MQAR_SECONDS, default 480)
 #   bench/device_run.sh eval       bench/eval_students.sh eval: `zoo eval` of those four -> $OUT/eval.tgz
-#   bench/device_run.sh listops    bench/listops.py: the LRA ListOps splits drawn on every core, then S4D and the
+#   bench/device_run.sh listops    bench/s4d_step.py (one S4D layer's step by chunk size, beside attention), then
+#                                  bench/listops.py: the LRA ListOps splits drawn on every core, then S4D and the
 #                                  transformer trained side by side (RUNS="model:lr ...", LISTOPS_SECONDS each) -> $OUT
 #   bench/device_run.sh duo        bench/duo_report.sh at gqa-125m: a passkey-trained teacher, `zoo convert --duo` at 25/50/75%
 #                                  retrieval heads, `zoo eval --tasks passkey,speed` -> $OUT/duo_eval.tgz
@@ -112,6 +113,7 @@ case "${1:-bench}" in
     tar czf "$OUT/hf_fixtures.tgz" -C /tmp/fixtures .
     (cd /tmp && python3 "$repo/tests/fixtures/hf/make_fixtures.py" --live "$OUT" 2>&1) | tee "$OUT/hf_parity.log" ;;
   listops)
+    python3 -P bench/s4d_step.py --out "$OUT/s4d_step.jsonl" 2>&1 | tail -12
     python3 -P bench/listops.py --data /tmp/listops.npz --draw-only 2>&1 | tr '\r' '\n' | grep -v "row/s]$" | tail -3
     for run in ${RUNS:-s4d:1e-2 s4d:3e-3 transformer:1e-3 transformer:3e-4}; do
       (XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 python3 -P bench/listops.py --data /tmp/listops.npz --model ${run%%:*} \
