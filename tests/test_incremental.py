@@ -19,7 +19,7 @@ from zoo.train import incremental as inc
 from zoo.train.checkpoint import load_model
 from zoo.train.data import DataConfig
 from zoo.recurrent_init import hybrid_from_attention
-from zoo.train.distill import DistillConfig, _heldout_ce
+from zoo.train.distill import DistillConfig, heldout_ce
 from zoo.train.mesh import make_mesh, parse_mesh
 from zoo.train.optim import OptimConfig
 
@@ -81,7 +81,7 @@ def test_rounds_replace_the_cheapest_layer_and_resume(teacher, tmp_path, monkeyp
     params = jax.device_get(loaded.params)
     layout = ["mamba2", "attention", "attention"]
     trial, trial_params, _ = hybrid_from_attention(loaded.config, params, layout, jax.random.key(config.seed))
-    increase = (_heldout_ce(trial, trial_params, data, 4, mesh) - _heldout_ce(loaded.config, params, data, 4, mesh))
+    increase = (heldout_ce(trial, trial_params, data, 4, mesh) - heldout_ce(loaded.config, params, data, 4, mesh))
     np.testing.assert_allclose(increase, first["scores"]["0"], rtol=1e-4, atol=1e-6)
 
 

@@ -223,7 +223,7 @@ def _ce_sums(config: ModelConfig):
     return jax.jit(sums)
 
 
-def _heldout_ce(config: ModelConfig, params, data, batch_size, mesh) -> float:
+def heldout_ce(config: ModelConfig, params, data, batch_size, mesh) -> float:
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         parts = [_ce_sums(config)(params, put_batch(b, mesh)) for b in data_lib.heldout_batches(
             data.heldout, batch_size, jax.process_index(), jax.process_count())]
@@ -321,12 +321,12 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
         iterator.restore(checkpoints.read_json(start)["progress"]["data"])
         log(f"resumed from {checkpoints.directory / str(start)} (step {start}, stage {config.stages[stage_index]})")
 
-    teacher_ce = _heldout_ce(teacher_run, teacher.params, data, config.batch_size, mesh)
+    teacher_ce = heldout_ce(teacher_run, teacher.params, data, config.batch_size, mesh)
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {
         "teacher_heldout_ce": teacher_ce, "stages": []}
     if not start:
-        summary["student_heldout_ce_at_init"] = _heldout_ce(student_run, state.params, data, config.batch_size, mesh)
+        summary["student_heldout_ce_at_init"] = heldout_ce(student_run, state.params, data, config.batch_size, mesh)
         log(f"held-out cross-entropy: teacher {teacher_ce:.4f}, student at initialisation "
             f"{summary['student_heldout_ce_at_init']:.4f}")
     tokens_per_step = config.batch_size * config.data.seq_len
@@ -353,7 +353,7 @@ def distill(config: DistillConfig, run_dir: str | Path, *, log=print, progress: 
                     metrics.write("train", step, {"stage": stage, **values})
                     bar.set_postfix(stage=stage, loss=f"{values['loss']:.4f}")
                 if step % config.eval_every == 0 or last_of_stage:
-                    held = _heldout_ce(student_run, state.params, data, config.batch_size, mesh)
+                    held = heldout_ce(student_run, state.params, data, config.batch_size, mesh)
                     metrics.write("eval", step, {"stage": stage, "loss": held})
                 if step % config.checkpoint_every == 0 or last_of_stage:
                     checkpoints.save(step, state, student_config, teacher.tokenizer,

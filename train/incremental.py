@@ -29,7 +29,7 @@ from zoo.errors import ConfigError
 from zoo.recurrent_init import LETTERS, hybrid_from_attention
 from zoo.train import data as data_lib
 from zoo.train.checkpoint import load_model
-from zoo.train.distill import DistillConfig, _heldout_ce, distill
+from zoo.train.distill import DistillConfig, heldout_ce, distill
 from zoo.train.mesh import host_array, make_mesh, param_shardings, parse_mesh
 from zoo.train.step import boxed_abstract_params
 
@@ -71,11 +71,11 @@ def layer_importance(config: ModelConfig, params: dict, candidates: list[int], k
         shardings = param_shardings(boxed_abstract_params(c), mesh)
         return jax.tree.map(lambda x, s: jax.device_put(host_array(x).astype(c.param_dtype), s), p, shardings)
 
-    base = _heldout_ce(config, placed(config, params), data, batch_size, mesh)
+    base = heldout_ce(config, placed(config, params), data, batch_size, mesh)
     scores = {}
     for i in candidates:
         trial, trial_params, _ = _replace(config, params, [i], kind, seed)
-        scores[i] = _heldout_ce(trial, placed(trial, trial_params), data, batch_size, mesh) - base
+        scores[i] = heldout_ce(trial, placed(trial, trial_params), data, batch_size, mesh) - base
     return base, scores
 
 
