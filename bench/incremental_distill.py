@@ -21,7 +21,8 @@ from pathlib import Path
 
 from zoo.train.data import DataConfig
 from zoo.train.distill import DistillConfig, distill
-from zoo.train.incremental import IncrementalConfig, attention_layers, distill_incrementally
+from zoo.recurrent_init import full_attention_layers
+from zoo.train.incremental import IncrementalConfig, distill_incrementally
 from zoo.train.optim import OptimConfig
 
 
@@ -55,7 +56,7 @@ def main() -> None:
                                   out / "incremental")
     from zoo.train.checkpoint import load_model
 
-    candidates = attention_layers(load_model(args.teacher).config)
+    candidates = full_attention_layers(load_model(args.teacher).config)
     rows = [{"method": "incremental", "student_layers": r["summary"]["student_layers"], "layers": len(
         [i for rr in state["rounds"][:r["round"]] for i in rr["replaced"]]), "fraction": r["fraction_replaced"],
              "perplexity": math.exp(r["summary"]["student_heldout_ce"]),

@@ -16,7 +16,6 @@ or those above a threshold) and `duo_config` writes the choice into the layers' 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +27,9 @@ from zoo.config import LayerConfig, ModelConfig
 from zoo.eval.recall import passkey_prompt
 from zoo.layers.duo_attention import DuoAttentionConfig
 from zoo.model import DecoderLM
+from zoo.recurrent_init import full_attention_layers
 
 GATE = "duo_gate"
-
-
-def convertible_layers(config: ModelConfig) -> list[int]:
-    """Full-attention layers with their own K/V: the ones DuoAttention can split."""
-    return [i for i, layer in enumerate(config.layers) if layer.mixer == "attention"
-            and layer.mixer_config.window is None and layer.mixer_config.shared_kv_source is None]
 
 
 def duo_config(config: ModelConfig, *, window: int, sink_tokens: int,
@@ -43,7 +37,7 @@ def duo_config(config: ModelConfig, *, window: int, sink_tokens: int,
     """`config` with every convertible layer as DuoAttention: gated (retrieval_heads None) or with the KV heads
     `retrieval_heads[layer]` attending in full."""
     layers = list(config.layers)
-    targets = convertible_layers(config)
+    targets = full_attention_layers(config)
     if not targets:
         raise ValueError("the model has no full-attention layer to convert to DuoAttention")
     for i in targets:
@@ -86,7 +80,6 @@ def with_gates(params: dict, gates: dict[int, jax.Array]) -> dict:
     return out
 
 
-@functools.cache
 def _gate_step(teacher: ModelConfig, gated: ModelConfig, optimizer, l1: float):
     def loss_fn(gates, params, batch):
         target = _last_hidden(teacher, params, batch["tokens"])

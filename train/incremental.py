@@ -26,7 +26,7 @@ import jax
 
 from zoo.config import ModelConfig
 from zoo.errors import ConfigError
-from zoo.recurrent_init import LETTERS, hybrid_from_attention
+from zoo.recurrent_init import LETTERS, full_attention_layers, hybrid_from_attention
 from zoo.train import data as data_lib
 from zoo.train.checkpoint import load_model
 from zoo.train.distill import DistillConfig, heldout_ce, distill
@@ -50,11 +50,6 @@ class IncrementalConfig:
             raise ConfigError("per_round", f"must be positive, got {self.per_round}")
         if self.letter not in RECURRENT_LETTERS:
             raise ConfigError("letter", f"must be one of {RECURRENT_LETTERS}, got {self.letter!r}")
-
-
-def attention_layers(config: ModelConfig) -> list[int]:
-    return [i for i, layer in enumerate(config.layers) if layer.mixer == "attention"
-            and layer.mixer_config.window is None and layer.mixer_config.shared_kv_source is None]
 
 
 def _replace(config: ModelConfig, params: dict, layers: list[int], kind: str, seed: int):
@@ -109,7 +104,7 @@ def distill_incrementally(config: DistillConfig, incremental: IncrementalConfig,
     mesh = make_mesh(parse_mesh(config.mesh))
     teacher = load_model(config.teacher, mesh)
     data = data_lib.prepare(config.data, teacher.tokenizer)
-    candidates = attention_layers(teacher.config)
+    candidates = full_attention_layers(teacher.config)
     if not candidates:
         raise ValueError(f"{config.teacher} has no full-attention layer to replace")
     target = max(1, round(incremental.target_ratio * len(candidates)))

@@ -108,6 +108,13 @@ def init_from_attention(kind: str, a: AttentionConfig, attention: dict, d_model:
     return config, {name: value.astype(param_dtype) for name, value in fresh.items()}
 
 
+def full_attention_layers(config: ModelConfig) -> list[int]:
+    """Attention layers without a window that keep their own K/V: the ones incremental distillation replaces and
+    DuoAttention splits."""
+    return [i for i, layer in enumerate(config.layers) if layer.mixer == "attention"
+            and layer.mixer_config.window is None and layer.mixer_config.shared_kv_source is None]
+
+
 def layout_from_pattern(pattern: str, n_layers: int) -> list[str]:
     """"AMAM" -> ["attention", "mamba2", "attention", "mamba2"]; a pattern shorter than the model repeats."""
     if not pattern or any(c not in LETTERS for c in pattern):
