@@ -19,9 +19,9 @@
 #   bench/device_run.sh listops    bench/s4d_step.py (one S4D layer's step by chunk size, beside attention), then
 #                                  bench/listops.py: the LRA ListOps splits drawn on every core, then S4D and the
 #                                  transformer trained side by side (RUNS="model:lr ...", LISTOPS_SECONDS each) -> $OUT
-#   bench/device_run.sh duo        bench/duo_report.sh at gqa-125m: a passkey-trained teacher, `zoo convert --duo` at 25/50/75%
+#   bench/device_run.sh duo        bench/duo_report.sh at gqa-125m: a passkey-trained teacher, `zoo convert --duo` at 25/50%
 #                                  retrieval heads, `zoo eval --tasks passkey,speed` -> $OUT/duo_eval.tgz
-#   bench/device_run.sh incremental bench/incremental_distill.py on the distill teacher (trained first if absent) -> $OUT
+#   bench/device_run.sh incremental bench/incremental_distill.py on a teacher of $PRESET (trained first if absent) -> $OUT
 #   bench/device_run.sh convert    the Hugging Face golden fixtures (tests/fixtures/hf, written to $OUT/fixtures) and
 #                                  the live zoo-vs-transformers parity check (torch + transformers are on the image)
 # .whl (git-ignored): `pip wheel --no-deps . -w .whl` and the packages the image lacks,
@@ -113,7 +113,7 @@ case "${1:-bench}" in
     tar czf "$OUT/hf_fixtures.tgz" -C /tmp/fixtures .
     (cd /tmp && python3 "$repo/tests/fixtures/hf/make_fixtures.py" --live "$OUT" 2>&1) | tee "$OUT/hf_parity.log" ;;
   listops)
-    python3 -P bench/s4d_step.py --out "$OUT/s4d_step.jsonl" 2>&1 | tail -12
+    python3 -P bench/s4d_step.py ${S4D_STEP_ARGS:---chunks 16,64} --out "$OUT/s4d_step.jsonl" 2>&1 | tail -12
     python3 -P bench/listops.py --data /tmp/listops.npz --draw-only 2>&1 | tr '\r' '\n' | grep -v "row/s]$" | tail -3
     for run in ${RUNS:-s4d:1e-2 s4d:3e-3 transformer:1e-3 transformer:3e-4}; do
       (XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 python3 -P bench/listops.py --data /tmp/listops.npz --model ${run%%:*} \
@@ -123,19 +123,22 @@ case "${1:-bench}" in
     wait
     grep final "$OUT/listops.jsonl" ;;
   duo)
-    ZOO="python3 -P -m zoo.cli" RUNS=.device_runs/duo PRESET=gqa-125m SEQ_LEN=${SEQ_LEN:-2048} DOCUMENTS=${DOCUMENTS:-20000} \
-      STEPS=${STEPS:-600} BATCH=16 FRACTIONS="${FRACTIONS:-0.25 0.5 0.75}" WINDOW=${WINDOW:-256} DUO_STEPS=${DUO_STEPS:-200} \
+    ZOO="python3 -P -m zoo.cli" RUNS=.device_runs/duo PRESET=gqa-125m SEQ_LEN=${SEQ_LEN:-1024} DOCUMENTS=${DOCUMENTS:-30000} \
+      STEPS=${STEPS:-3000} BATCH=16 FRACTIONS="${FRACTIONS:-0.25 0.5}" WINDOW=${WINDOW:-128} DUO_STEPS=${DUO_STEPS:-150} \
       EVAL_ARGS="--batch-size 8 --speed-batch 8" bash bench/duo_report.sh | tee "$OUT/duo.log"
-    tar czf "$OUT/duo_eval.tgz" -C .device_runs/duo eval teacher/metrics.jsonl duo-*/duo_heads.json ;;
+    (cd .device_runs/duo && tar czf "$OUT/duo_eval.tgz" eval teacher/metrics.jsonl duo-*/duo_heads.json) ;;
   incremental)
-    data=$PWD/${DATA:-.whl/data/input.txt}
-    [[ -d .device_runs/teacher ]] || python3 -P -m zoo.cli train --preset gqa-125m --data "$data" --seq-len 512 \
-      --steps 150 --batch-size 32 --set model.vocab_size=320 --set optim.learning_rate=1e-3 --set eval_every=50 \
-      --set checkpoint_every=10000 --set log_every=50 --out .device_runs/teacher 2>&1 | tr '\r' '\n' | grep -v "^training: " | tail -2
+    # PRESET (default gqa-125m), TEACHER_STEPS (150), SEQ_LEN (512), STAGE_STEPS (25,25,50 a round), PER_ROUND (2),
+    # TARGET_RATIO (0.5); the teacher is reused from .device_runs/teacher-$PRESET when there.
+    data=$PWD/${DATA:-.whl/data/input.txt} preset=${PRESET:-gqa-125m} seq=${SEQ_LEN:-512}
+    teacher=.device_runs/teacher-$preset
+    [[ -d $teacher ]] || python3 -P -m zoo.cli train --preset $preset --data "$data" --seq-len $seq \
+      --steps ${TEACHER_STEPS:-150} --batch-size 32 --set model.vocab_size=320 --set optim.learning_rate=1e-3 --set eval_every=50 \
+      --set checkpoint_every=100000 --set log_every=50 --out $teacher 2>&1 | tr '\r' '\n' | grep -v "^training: " | tail -2
     rm -rf .device_runs/incremental
-    python3 -P bench/incremental_distill.py --teacher .device_runs/teacher --data "$data" --seq-len 512 \
-      --stage-steps ${STAGE_STEPS:-25,25,50} --per-round ${PER_ROUND:-2} --target-ratio 0.5 --out .device_runs/incremental \
-      2>&1 | tr '\r' '\n' | grep -v "^distilling: \|it/s\]$" | tee "$OUT/incremental.log" | tail -12
+    python3 -P bench/incremental_distill.py --teacher $teacher --data "$data" --seq-len $seq \
+      --stage-steps ${STAGE_STEPS:-25,25,50} --per-round ${PER_ROUND:-2} --target-ratio ${TARGET_RATIO:-0.5} \
+      --out .device_runs/incremental 2>&1 | tr '\r' '\n' | grep -v "^distilling: \|it/s\]$" | tee "$OUT/incremental.log" | tail -12
     cp .device_runs/incremental/incremental_vs_oneshot.* .device_runs/incremental/incremental/incremental.json "$OUT"/ ;;
   impl-train)
     for impl in xla pallas; do

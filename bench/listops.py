@@ -25,9 +25,9 @@ from zoo.train.listops import VOCAB, accuracy, make_split, train_classifier
 SPLIT_SEEDS = {"train": 0, "valid": 1, "test": 2}
 
 
-def model_config(name: str, max_len: int, chunk: int = 16) -> ModelConfig:
+def model_config(name: str, max_len: int, convolution: str = "fft", chunk: int = 16) -> ModelConfig:
     if name == "s4d":  # the S4 LRA ListOps model's shape: 8 layers of 128 channels, state 64, GLU out, no MLP
-        layer = LayerConfig("s4d", S4DConfig(state_dim=64, chunk_size=chunk), mlp=False)
+        layer = LayerConfig("s4d", S4DConfig(state_dim=64, chunk_size=chunk, convolution=convolution), mlp=False)
         return ModelConfig(vocab_size=len(VOCAB), d_model=128, mlp_hidden=0, layers=(layer,) * 8, max_seq_len=max_len)
     if name == "transformer":  # 4 layers of 4 heads x 32 (RoPE), MLP 512
         layer = LayerConfig("attention", AttentionConfig(4, 4, 32))
@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="end training in about this time")
     parser.add_argument("--every", type=int, default=1000, help="validation accuracy every this many steps")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype (weights stay float32)")
-    parser.add_argument("--chunk", type=int, default=16, help="S4D's chunk length (bench/s4d_step.py: 16 ran 5x "
-                                                              "faster than 64 on a CPU at 256 tokens)")
+    parser.add_argument("--convolution", choices=("fft", "chunked"), default="fft",
+                        help="S4D's training form: fft (one expression per row, as in the reference) or chunked")
+    parser.add_argument("--chunk", type=int, default=16, help="S4D's chunk length in the chunked form")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = dict(zip(SPLIT_SEEDS, (int(n) for n in args.rows.split(","))))
@@ -71,8 +72,9 @@ def main() -> None:
         return
     if not args.out:
         parser.error("--out is needed to train")
-    config = model_config(args.model, args.max_length, args.chunk).replace(dtype=args.dtype)
-    base = {"model": args.model, "chunk": args.chunk if args.model == "s4d" else None, "lr": args.lr, "batch": args.batch,
+    config = model_config(args.model, args.max_length, args.convolution, args.chunk).replace(dtype=args.dtype)
+    s4d_form = (args.convolution if args.convolution == "fft" else f"chunked {args.chunk}") if args.model == "s4d" else None
+    base = {"model": args.model, "s4d_form": s4d_form, "lr": args.lr, "batch": args.batch,
             "dtype": args.dtype, "device": jax.devices()[0].device_kind}
     started = time.perf_counter()
 

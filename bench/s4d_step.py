@@ -1,5 +1,5 @@
 """Where an S4D layer's training step goes, at the ListOps shape (bench/listops.py: batch 32, 2,000 tokens, 128
-channels, state 64): forward + backward of one layer for several chunk sizes, with and without padding in the
+channels, state 64): forward + backward of one layer in the FFT form and for several chunk sizes, with and without padding in the
 segment ids, beside one attention layer (4 heads x 32) of the same width. Median ms per call; JSON lines to --out.
 
     python bench/s4d_step.py --out s4d_step.jsonl
@@ -48,6 +48,7 @@ def main() -> None:
     padded = real.at[:, 3 * args.length // 4:].set(0)  # a ListOps row: real tokens, then padding (segment 0)
     variants = [(f"s4d chunk {c}", S4D(S4DConfig(state_dim=64, chunk_size=c), args.channels, dtype=dtype))
                 for c in (int(c) for c in args.chunks.split(","))]
+    variants.insert(0, ("s4d fft", S4D(S4DConfig(state_dim=64, convolution="fft"), args.channels, dtype=dtype)))
     variants.append(("attention 4x32", Attention(AttentionConfig(4, 4, 32), args.channels, dtype=dtype)))
     with open(args.out, "a") as out:
         for name, module in variants:

@@ -15,6 +15,11 @@ Training form: the convolution kernel K_j = 2 Re(sum_n C_n B_bar_n A_bar_n^j) is
 product; it is applied as a causal Toeplitz matrix inside chunks of `chunk_size` tokens (masked at
 document boundaries), and the complex state carries between chunks. With chunk_size >= the length
 this is exactly the reference's full-length kernel convolution. The SSM runs in complex64.
+
+convolution="fft" is the reference's own training form: the full-length kernel applied by FFT in O(T log T). It
+treats each row as one sequence from a zero state, ignoring document boundaries, so it is for rows that hold one
+sequence (classification, Long Range Arena; trailing padding may follow, as it only sees the tokens before it).
+With a cache (prefill, decode) the layer runs the chunked form, which resets at boundaries.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from zoo.layers.recurrent import RecurrentCache, chunk, chunk_masks, chunk_size_
 
 INITS = ("inv", "lin")
 DISCRETISATIONS = ("zoh", "bilinear")
+CONVOLUTIONS = ("chunked", "fft")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class S4DConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     chunk_size: int = 64
+    convolution: str = "chunked"  # "fft": one sequence per row, see the module docstring
 
     def validate(self, field: str) -> None:
         require_positive(self, field, "state_dim", "chunk_size")
@@ -52,6 +59,8 @@ class S4DConfig:
             raise ConfigError(f"{field}.init", f"must be one of {INITS}, got {self.init!r}")
         if self.discretisation not in DISCRETISATIONS:
             raise ConfigError(f"{field}.discretisation", f"must be one of {DISCRETISATIONS}, got {self.discretisation!r}")
+        if self.convolution not in CONVOLUTIONS:
+            raise ConfigError(f"{field}.convolution", f"must be one of {CONVOLUTIONS}, got {self.convolution!r}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"{field}.dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
 
@@ -110,6 +119,17 @@ def s4d_chunked(u, segment_ids, state, last_segment, chunk_size: int, *, log_a_b
     return unchunk(y, length), final
 
 
+def s4d_fft(u, *, log_a_bar, b_bar, c):
+    """u [B,T,H] float32 -> y [B,T,H] (without the D term): the causal convolution with the full-length kernel
+    K_j = 2 Re(sum_n C_n B_bar_n A_bar_n^j), by FFT zero-padded to 2T (no wrap-around), from a zero state."""
+    length = u.shape[1]
+    lags = jnp.arange(length, dtype=jnp.float32)
+    kernel = 2.0 * jnp.real(jnp.einsum("hn,jhn->jh", c * b_bar, jnp.exp(lags[:, None, None] * log_a_bar)))  # [T,H]
+    size = 2 * length
+    spectrum = jnp.fft.rfft(u, size, axis=1) * jnp.fft.rfft(kernel, size, axis=0)
+    return jnp.fft.irfft(spectrum, size, axis=1)[:, :length]
+
+
 def _log_dt_init(dt_min, dt_max):
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
@@ -160,7 +180,10 @@ class S4D(nn.Module):
         ssm = dict(log_a_bar=log_a_bar, b_bar=b_bar, c=c_complex)
         step = lambda s, u_t, carry: s4d_step(s, u_t, carry, **ssm)
         chunked = lambda u, seg, s, last, size: s4d_chunked(u, seg, s, last, size, **ssm)
-        y, state = recur(self.form, step, chunked, (u,), segment_ids, state, last, c.chunk_size)
+        if c.convolution == "fft" and cache is None and self.form == "chunked":
+            y = s4d_fft(u, **ssm)
+        else:
+            y, state = recur(self.form, step, chunked, (u,), segment_ids, state, last, c.chunk_size)
         y = jax.nn.gelu(y + f32(skip) * u, approximate=False).astype(self.dtype)
 
         out_proj = weight(self, "out_proj", (channels, 2, self.d_model), ("embed", None, None), dtype=pd)

@@ -3,6 +3,7 @@ against LRA's settings, and the classifier it trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import jax
@@ -87,6 +88,23 @@ def test_padding_changes_no_logit(mixer, rng):
     short[0, :len(tokens)] = long[0, :len(tokens)] = tokens
     np.testing.assert_allclose(apply({"params": params}, short), apply({"params": params}, long),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_s4d_fft_form_gives_the_chunked_logits(rng):
+    """A ListOps row is one sequence then padding, so the FFT form (which ignores the padding boundary) and the
+    chunked form (which resets there) give the same logits: padding is left out of the pooled mean (f32: 1e-5)."""
+    config = classifier_config("s4d")
+    fft_layer = dataclasses.replace(config.layers[0], mixer_config=dataclasses.replace(
+        config.layers[0].mixer_config, convolution="fft"))
+    fft_config = dataclasses.replace(config, layers=(fft_layer,) * config.n_layers)
+    tokens = np.zeros((3, 64), np.int32)
+    for row in tokens:
+        expression = encode(draw_expression(rng, min_length=10, max_length=60)[0])
+        row[:len(expression)] = expression
+    params = SequenceClassifier(config, 10).init(jax.random.key(int(rng.integers(1 << 30))), tokens)["params"]
+    chunked = SequenceClassifier(config, 10).apply({"params": params}, tokens)
+    fft = SequenceClassifier(fft_config, 10).apply({"params": params}, tokens)
+    np.testing.assert_allclose(fft, chunked, rtol=1e-5, atol=1e-5)
 
 
 def test_s4d_classifier_fits_a_small_split(rng):

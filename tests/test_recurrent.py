@@ -21,7 +21,7 @@ from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, delta_
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
 from zoo.layers.recurrent import naive_scan, continues
 from zoo.layers.retnet import RetNetConfig, Retention
-from zoo.layers.s4d import S4D, S4DConfig, discretise, s4d_chunked
+from zoo.layers.s4d import S4D, S4DConfig, discretise, s4d_chunked, s4d_fft
 from zoo.layers.ssd import ssd_chunked, ssd_step
 from zoo.layers.xlstm import MLSTM, SLSTM, MLSTMConfig, SLSTMConfig, mlstm_chunked, mlstm_step, slstm_step
 
@@ -144,6 +144,23 @@ def test_s4d_chunked_kernel_form_matches_convolution(discretisation, rng):
     expected = ref.s4d_convolution(u, log_a_bar, b_bar, c, segments)
     out, _ = s4d_chunked(jnp.asarray(u), jnp.asarray(segments), jnp.zeros((2, channels, modes), jnp.complex64), None, CHUNK,
                          log_a_bar=log_a_bar, b_bar=b_bar, c=c)
+    assert relative_error(out, expected) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("discretisation", ["zoh", "bilinear"])
+def test_s4d_fft_form_matches_convolution(discretisation, rng):
+    """The FFT form is the full-length convolution of one sequence per row (float32 FFT rounding: 1e-5)."""
+    channels, modes, length = 3, 4, int(rng.integers(20, 70))
+    u = rng.standard_normal((2, length, channels)).astype(np.float32)
+    log_a_bar, b_bar = discretise(
+        jnp.asarray(rng.uniform(np.log(1e-2), np.log(0.5), channels), jnp.float32),
+        jnp.asarray(rng.uniform(np.log(0.1), np.log(1.0), (channels, modes)), jnp.float32),
+        jnp.asarray(np.pi * np.arange(modes) * np.ones((channels, 1)), jnp.float32),
+        discretisation,
+    )
+    c = jnp.asarray(rng.standard_normal((channels, modes)) + 1j * rng.standard_normal((channels, modes)), jnp.complex64)
+    expected = ref.s4d_convolution(u, log_a_bar, b_bar, c, np.ones((2, length), np.int32))
+    out = s4d_fft(jnp.asarray(u), log_a_bar=log_a_bar, b_bar=b_bar, c=c)
     assert relative_error(out, expected) < TOLERANCE["float32"]
 
 
