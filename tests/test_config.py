@@ -8,6 +8,7 @@ from zoo.config import LayerConfig, ModelConfig, layers_from_pattern
 from zoo.errors import ConfigError
 from zoo.layers.attention import AttentionConfig
 from zoo.layers.mla import MLAConfig
+from zoo.layers.s4d import S4DConfig
 from zoo.presets import PRESETS, get_preset
 
 
@@ -41,6 +42,7 @@ def test_every_preset_round_trips_through_json(name, tmp_path):
         ([LayerConfig("mamba9", AttentionConfig(4, 2, 8))], r"layers\[0\]\.mixer", "unknown mixer 'mamba9'"),
         ([LayerConfig("mla", AttentionConfig(4, 2, 8))], r"layers\[0\]\.mixer_config", "takes MLAConfig"),
         ([attn(sink_tokens=2)], r"layers\[0\]\.mixer_config\.sink_tokens", "sliding window"),
+        ([LayerConfig("s4d", S4DConfig(convolution="fourier"))], r"layers\[0\]\.mixer_config\.convolution", "one of"),
     ],
 )
 def test_bad_configs_raise_one_clear_error(layers, field, words):
