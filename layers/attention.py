@@ -118,6 +118,9 @@ def dot_product_attention(q, k, v, mask, *, scale: float, sink_logits=None) -> j
     if sink_logits is not None:
         sink = sink_logits.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1)
         row_max = jnp.maximum(row_max, sink)
+    # The softmax does not depend on the subtracted max; without its gradient, none can be NaN (jnp.max's
+    # gradient divides by the count of entries equal to the max, 0 if XLA rounds a recomputed logit differently).
+    row_max = jax.lax.stop_gradient(row_max)
     unnormalised = jnp.exp(logits - row_max)
     denominator = jnp.sum(unnormalised, axis=-1, keepdims=True)
     if sink_logits is not None:

@@ -110,6 +110,13 @@ def mlstm_step(state, q, k, v, log_i, log_f, carry):
     return {"C": c, "n": n, "m": m}, numerator / denominator[..., None]
 
 
+def _last_axis_max(x):
+    """jnp.max(x, axis=-1) whose gradient goes to the arg-max entry through a gather. jnp.max's own gradient divides
+    by the count of entries equal to the max; when XLA recomputes x in another fusion and rounds it differently
+    (seen on the CPU without LLVM's optimisations), that count is 0 and the gradient NaN."""
+    return jnp.take_along_axis(x, jnp.argmax(x, axis=-1)[..., None], axis=-1)[..., 0]
+
+
 def mlstm_chunked(q, k, v, log_i, log_f, segment_ids, state, last_segment, chunk_size: int):
     """Chunkwise mLSTM: quadratic inside chunks with the exact row-max stabiliser, (C, n, m) across."""
     length = q.shape[1]
@@ -133,7 +140,7 @@ def mlstm_chunked(q, k, v, log_i, log_f, segment_ids, state, last_segment, chunk
     def pass_chunk(entering, xs):
         log_weights, scores, q, k, v, cum, log_to_end, from_prev, keep = xs
         log_read = jnp.where(from_prev, cum + entering["m"][..., None], NEG_LOG)  # [B,H,C]
-        m = jnp.maximum(jnp.max(log_weights, axis=-1), log_read)
+        m = jnp.maximum(_last_axis_max(log_weights), log_read)
         weights = jnp.exp(log_weights - m[..., None]) * scores
         read = jnp.exp(log_read - m)
         numerator = jnp.einsum("bhts,bhsv->bhtv", weights, v) + read[..., None] * jnp.einsum("bhtk,bhkv->bhtv", q, entering["C"])
@@ -141,7 +148,7 @@ def mlstm_chunked(q, k, v, log_i, log_f, segment_ids, state, last_segment, chunk
         out = numerator / (jnp.maximum(jnp.abs(denominator), jnp.exp(-m)) + EPS)[..., None]
 
         log_survive = jnp.where(keep, cum[..., -1] + entering["m"], NEG_LOG)  # [B,H]
-        m_end = jnp.maximum(jnp.max(log_to_end, axis=-1), log_survive)
+        m_end = jnp.maximum(_last_axis_max(log_to_end), log_survive)
         added = jnp.exp(log_to_end - m_end[..., None])
         survive = jnp.exp(log_survive - m_end)
         leaving = {
