@@ -300,6 +300,11 @@ LAYERS = {
 # 2-element decay parameters (A_log, dt_bias) are such sums too: seed 114 gave 8.6e-4 with the GPU
 # chunk-gradient kernel and 1.5e-4 with the XLA VJP in its place; 21 other seeds stayed below 1e-4.
 LAYER_GRAD_TOLERANCE = {"mlstm": 2e-3, "gated_deltanet": 2e-3}
+# Mamba-2's per-head A_log and dt_bias gradients are the same kind of near-cancelling sum over every token. Worst leaf
+# per seed, XLA's CPU backend at -O0 as the suite runs it: seeds 1-10 median 2e-6, max 2.6e-5; seed 1263685819
+# 1.1e-4 (one of four heads' A_log: -0.13039 against -0.13069, where the leaf's largest entry is 2.7).
+DECAY_GRAD_TOLERANCE = 1e-3
+DECAY_LEAVES = ("['A_log']", "['dt_bias']")
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -323,8 +328,11 @@ def test_layers_run_the_kernel_with_the_same_result(name, rng):
     with jax.default_matmul_precision("float32"):  # no TF32 on a GPU, in either
         (out, grads), (out_ref, grads_ref) = outputs_and_grads(kernel), outputs_and_grads(xla)
     assert relative_error(out, out_ref) < tolerance(name, "float32")
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        assert relative_error(got, want) < LAYER_GRAD_TOLERANCE.get(name, 1e-4)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
+        limit = LAYER_GRAD_TOLERANCE.get(name, 1e-4)
+        if jax.tree_util.keystr(path).endswith(DECAY_LEAVES):
+            limit = max(limit, DECAY_GRAD_TOLERANCE)
+        assert relative_error(got, want) < limit, jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("op", ["ssd_scan", "delta_scan"])
