@@ -80,6 +80,12 @@ def s4d_step(state, u, carry, *, log_a_bar, b_bar, c):
     return state, 2.0 * jnp.real(jnp.sum(c * state, axis=-1))
 
 
+def convolution_kernel(length: int, *, log_a_bar, b_bar, c):
+    """K_j = 2 Re(sum_n C_n B_bar_n A_bar_n^j) for j < length: the Vandermonde product, [length, H] float32."""
+    powers = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * log_a_bar)  # A_bar^j  [T,H,N/2]
+    return 2.0 * jnp.real(jnp.einsum("hn,jhn->jh", c * b_bar, powers))
+
+
 def s4d_chunked(u, segment_ids, state, last_segment, chunk_size: int, *, log_a_bar, b_bar, c):
     """u [B,T,H] float32; state complex [B,H,N/2]. Returns (y [B,T,H] without the D term, final state).
 
@@ -97,8 +103,7 @@ def s4d_chunked(u, segment_ids, state, last_segment, chunk_size: int, *, log_a_b
     u = chunk(u, size)  # [B,N,C,H]
     masks = chunk_masks(chunk(segment_ids, size), last_segment)
     lags = jnp.arange(size, dtype=jnp.float32)
-    powers = jnp.exp(lags[:, None, None] * log_a_bar)  # A_bar^j  [C,H,N/2]
-    kernel = 2.0 * jnp.real(jnp.einsum("hn,jhn->jh", c * b_bar, powers))  # Vandermonde [C,H]
+    kernel = convolution_kernel(size, log_a_bar=log_a_bar, b_bar=b_bar, c=c)  # [C,H]
     gap = jnp.arange(size)[:, None] - jnp.arange(size)[None, :]
     toeplitz = kernel[jnp.clip(gap, 0)]  # [t,s,H]; s > t is removed by the mask
     y = jnp.einsum("tsh,bnts,bnsh->bnth", toeplitz, masks.same.astype(jnp.float32), u)
@@ -123,9 +128,8 @@ def s4d_fft(u, *, log_a_bar, b_bar, c):
     """u [B,T,H] float32 -> y [B,T,H] (without the D term): the causal convolution with the full-length kernel
     K_j = 2 Re(sum_n C_n B_bar_n A_bar_n^j), by FFT zero-padded to 2T (no wrap-around), from a zero state."""
     length = u.shape[1]
-    lags = jnp.arange(length, dtype=jnp.float32)
-    kernel = 2.0 * jnp.real(jnp.einsum("hn,jhn->jh", c * b_bar, jnp.exp(lags[:, None, None] * log_a_bar)))  # [T,H]
     size = 2 * length
+    kernel = convolution_kernel(length, log_a_bar=log_a_bar, b_bar=b_bar, c=c)
     spectrum = jnp.fft.rfft(u, size, axis=1) * jnp.fft.rfft(kernel, size, axis=0)
     return jnp.fft.irfft(spectrum, size, axis=1)[:, :length]
 

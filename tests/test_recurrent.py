@@ -129,18 +129,24 @@ def test_slstm_core_matches_reference(rng):
     assert relative_error(out, expected) < TOLERANCE["float32"]
 
 
+def s4d_ssm(rng, discretisation, channels=3, modes=4):
+    """Random discretised S4D-Lin parameters: (log A_bar, B_bar, C)."""
+    log_a_bar, b_bar = discretise(
+        jnp.asarray(rng.uniform(np.log(1e-2), np.log(0.5), channels), jnp.float32),
+        jnp.asarray(rng.uniform(np.log(0.1), np.log(1.0), (channels, modes)), jnp.float32),
+        jnp.asarray(np.pi * np.arange(modes) * np.ones((channels, 1)), jnp.float32),
+        discretisation,
+    )
+    c = jnp.asarray(rng.standard_normal((channels, modes)) + 1j * rng.standard_normal((channels, modes)), jnp.complex64)
+    return log_a_bar, b_bar, c
+
+
 @pytest.mark.parametrize("discretisation", ["zoh", "bilinear"])
 def test_s4d_chunked_kernel_form_matches_convolution(discretisation, rng):
     _, _, segments = packed_batch(rng, 2, 37, 1)
     channels, modes = 3, 4
     u = rng.standard_normal((2, 37, channels)).astype(np.float32)
-    log_a_bar, b_bar = discretise(
-        jnp.asarray(rng.uniform(np.log(1e-2), np.log(0.5), channels), jnp.float32),
-        jnp.full((channels, modes), np.log(0.5), jnp.float32),
-        jnp.asarray(np.pi * np.arange(modes) * np.ones((channels, 1)), jnp.float32),
-        discretisation,
-    )
-    c = jnp.asarray(rng.standard_normal((channels, modes)) + 1j * rng.standard_normal((channels, modes)), jnp.complex64)
+    log_a_bar, b_bar, c = s4d_ssm(rng, discretisation, channels, modes)
     expected = ref.s4d_convolution(u, log_a_bar, b_bar, c, segments)
     out, _ = s4d_chunked(jnp.asarray(u), jnp.asarray(segments), jnp.zeros((2, channels, modes), jnp.complex64), None, CHUNK,
                          log_a_bar=log_a_bar, b_bar=b_bar, c=c)
@@ -152,13 +158,7 @@ def test_s4d_fft_form_matches_convolution(discretisation, rng):
     """The FFT form is the full-length convolution of one sequence per row (float32 FFT rounding: 1e-5)."""
     channels, modes, length = 3, 4, int(rng.integers(20, 70))
     u = rng.standard_normal((2, length, channels)).astype(np.float32)
-    log_a_bar, b_bar = discretise(
-        jnp.asarray(rng.uniform(np.log(1e-2), np.log(0.5), channels), jnp.float32),
-        jnp.asarray(rng.uniform(np.log(0.1), np.log(1.0), (channels, modes)), jnp.float32),
-        jnp.asarray(np.pi * np.arange(modes) * np.ones((channels, 1)), jnp.float32),
-        discretisation,
-    )
-    c = jnp.asarray(rng.standard_normal((channels, modes)) + 1j * rng.standard_normal((channels, modes)), jnp.complex64)
+    log_a_bar, b_bar, c = s4d_ssm(rng, discretisation, channels, modes)
     expected = ref.s4d_convolution(u, log_a_bar, b_bar, c, np.ones((2, length), np.int32))
     out = s4d_fft(jnp.asarray(u), log_a_bar=log_a_bar, b_bar=b_bar, c=c)
     assert relative_error(out, expected) < TOLERANCE["float32"]
