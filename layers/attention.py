@@ -13,9 +13,10 @@ MixAttention KV sharing across layers.
 
 Causality, windows, sinks and document boundaries are all decided from positions and segment ids
 (zoo.pallas_kernels.flash_attention.masking): packed documents must restart positions at 0 and carry
-distinct segment ids. Training and prefill run zoo.pallas_kernels.flash_attention (`impl`: "auto" is
-the Pallas kernel on GPUs and this file's dense softmax elsewhere); single-token decode is the dense
-softmax everywhere (one query row would fill one row of a kernel's 128-row tile).
+distinct segment ids. Training and prefill run zoo.pallas_kernels.flash_attention; single-token decode
+writes the token into the cache and runs zoo.pallas_kernels.decode_attention over the cache in place
+(`impl`: "auto" is the Pallas kernels on GPUs and TPUs and this file's dense softmax elsewhere).
+Full-context caches hold a multiple of CACHE_BLOCK slots, so the TPU decode kernel tiles them exactly.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from zoo.errors import ConfigError
 from zoo.layers.kv_cache import EmptyCache, SlotCache
 from zoo.layers.params import constrain, weight
 from zoo.layers.rope import RopeScaling, apply_rope
+from zoo.pallas_kernels.decode_attention import decode_attention
 from zoo.pallas_kernels.dispatch import IMPLS
 from zoo.pallas_kernels.flash_attention import flash_attention
 from zoo.pallas_kernels.flash_attention.masking import visible
 
 MASKED = -1e30  # finite, so a row with nothing visible stays NaN-free
+CACHE_BLOCK = 128  # full-context caches hold a multiple of this many slots (decode_attention's TPU block)
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,9 @@ def attention_init_cache(config: AttentionConfig, batch: int, max_len: int, dtyp
         return EmptyCache()
     per_token = (config.num_kv_heads, config.head_dim)
     axes = ("kv_heads", "head_dim")
+    slots = max_len if config.window is not None else -(-max_len // CACHE_BLOCK) * CACHE_BLOCK  # a ring sizes itself
     return SlotCache.create(
-        batch, max_len, {"k": per_token, "v": per_token}, dtype, window=config.window, sink_tokens=config.sink_tokens,
+        batch, slots, {"k": per_token, "v": per_token}, dtype, window=config.window, sink_tokens=config.sink_tokens,
         axes={"k": axes, "v": axes},
     )
 
@@ -177,6 +181,7 @@ class Attention(nn.Module):
         x = x.astype(self.dtype)
         q = self._rope(self._project("q_proj", x, cfg.num_heads, "heads"), positions)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        decoding = cache is not None and x.shape[1] == 1
 
         if cfg.shared_kv_source is not None:
             if shared_kv is None:
@@ -189,7 +194,10 @@ class Attention(nn.Module):
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
             if cache is None:
                 view, new_cache = KVView(k, v, positions, segment_ids), None
-            else:
+            elif decoding:  # one token cannot overwrite a slot it sees: write it, then read the cache in place
+                new_cache = cache.write({"k": k, "v": v}, positions, segment_ids)
+                view = KVView(new_cache.entries["k"], new_cache.entries["v"], new_cache.positions, new_cache.segment_ids)
+            else:  # a chunk's later tokens may overwrite ring slots its earlier tokens see: attend, then write
                 entries, view_pos, view_seg = cache.view({"k": k, "v": v}, positions, segment_ids)
                 view = KVView(entries["k"], entries["v"], view_pos, view_seg)
                 new_cache = cache.write({"k": k, "v": v}, positions, segment_ids)
@@ -197,11 +205,13 @@ class Attention(nn.Module):
         sinks = None
         if cfg.sink_logits:
             sinks = weight(self, "sink_logits", (cfg.num_heads,), ("heads",), init=nn.initializers.zeros, dtype=self.param_dtype)
-        out = flash_attention(
-            q, view.k.astype(self.dtype), view.v.astype(self.dtype), positions, segment_ids, view.positions,
-            view.segment_ids, scale=cfg.head_dim**-0.5, window=cfg.window, sink_tokens=cfg.sink_tokens,
-            sink_logits=sinks, impl=cfg.impl if x.shape[1] > 1 else "xla",
-        )
+        masking = dict(scale=cfg.head_dim**-0.5, window=cfg.window, sink_tokens=cfg.sink_tokens, sink_logits=sinks)
+        if decoding:  # the cache in its own dtype: a cast would copy all of it every step
+            out = decode_attention(q[:, 0], view.k, view.v, view.positions, view.segment_ids, positions[:, 0],
+                                   segment_ids[:, 0], impl=cfg.impl, **masking)[:, None].astype(self.dtype)
+        else:
+            out = flash_attention(q, view.k.astype(self.dtype), view.v.astype(self.dtype), positions, segment_ids,
+                                  view.positions, view.segment_ids, impl=cfg.impl if x.shape[1] > 1 else "xla", **masking)
         o_proj = weight(
             self, "o_proj", (cfg.num_heads, cfg.head_dim, self.d_model), ("heads", "head_dim", "embed"),
             fan_in_axes=2, dtype=self.param_dtype,

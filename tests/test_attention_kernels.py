@@ -1,5 +1,5 @@
-"""Pallas attention kernels against their references: MLA absorbed decode, TPLA decode under a mesh, flash
-attention forward and backward (interpret mode on CPU; the compiled kernels where the tests run on a GPU)."""
+"""Pallas attention kernels against their references: MLA absorbed decode, TPLA decode under a mesh, GQA
+decode over full and ring-buffer caches, flash attention forward and backward (interpret mode on CPU; the compiled kernels where the tests run on a GPU)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import pytest
 
 from inputs import impl_for
 from reference import TOLERANCE, relative_error
+from zoo.pallas_kernels.decode_attention import decode_attention
+from zoo.pallas_kernels.decode_attention.reference import decode_attention_reference
 from zoo.pallas_kernels.flash_attention import flash_attention
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.mla_decode import latent_decode, mla_decode
-from zoo.pallas_kernels.mla_decode.ops import default_splits
+from zoo.pallas_kernels.splits import default_splits
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 
 BLOCK = 16
@@ -59,9 +61,9 @@ def test_mla_decode_rejects_mismatched_shapes():
 
 
 def test_default_splits_fill_the_gpu_without_tiny_splits():
-    assert default_splits(batch=128, slots=8192, block=64) == 2
-    assert default_splits(batch=1, slots=32768, block=64) == 64  # 32768 / (8 * 64) = 64 < 264
-    assert default_splits(batch=4, slots=256, block=64) == 1
+    assert default_splits(rows=128, slots=8192, block=64) == 2
+    assert default_splits(rows=1, slots=32768, block=64) == 64  # 32768 / (8 * 64) = 64 < 264
+    assert default_splits(rows=4, slots=256, block=64) == 1
 
 
 def test_mla_decode_rejects_a_block_the_kernels_cannot_tile():
@@ -306,12 +308,109 @@ def test_tpla_decode_under_a_mesh_equals_one_device(rng, layout):
     assert relative_error(single, per_shard) < TOLERANCE["float32"]
 
 
+def decode_slots(rng, layout, batch, window, sink_tokens):
+    """Slot positions / segments [B, S] of a decode cache as zoo.layers.kv_cache fills it, and each row's query
+    position / segment [B] (the newest token, already written). "full": slot = position, rows filled to
+    ragged lengths (S not a multiple of the block), row 1 holding two packed documents; "ring": sink_tokens
+    + window slots, positions rotating through the window part, row 0 not yet wrapped (empty slots)."""
+    if layout == "full":
+        slots = int(rng.integers(40, 90))
+        filled = np.concatenate([[slots, 1], rng.integers(1, slots + 1, batch - 2)])
+        positions = np.where(np.arange(slots)[None] < filled[:, None], np.arange(slots)[None], -1)
+        segments = np.ones((batch, slots), np.int64)
+        first_document = int(rng.integers(1, slots - 1))
+        positions[1], segments[1, first_document:] = np.arange(slots), 2
+        positions[1, first_document:] -= first_document  # the second document restarts at 0
+        filled[1] = slots
+        query = positions[np.arange(batch), filled - 1]
+        query_segment = segments[np.arange(batch), filled - 1]
+    else:
+        slots = sink_tokens + window
+        query = np.concatenate([[int(rng.integers(sink_tokens, slots))], rng.integers(slots, 4 * slots, batch - 1)])
+        ring = np.arange(window)[None]
+        latest = query[:, None] - (query[:, None] - sink_tokens - ring) % window  # newest position in each ring slot
+        positions = np.concatenate([np.tile(np.arange(sink_tokens), (batch, 1)), np.where(latest >= sink_tokens, latest, -1)], 1)
+        segments, query_segment = np.ones((batch, slots), np.int64), np.ones(batch, np.int64)
+    return tuple(jnp.asarray(x, jnp.int32) for x in (positions, segments, query, query_segment))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["full", "ring"])
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_decode_attention_matches_reference(rng, platform, layout, dtype):
+    """GQA (3 query heads per key head) over a cache read in place: a full cache filled to ragged lengths with
+    two packed documents in one row and a row that sees nothing (zero output), or a sliding-window ring
+    buffer with sink tokens and learned sink logits (a row not yet wrapped); head dims that Triton pads;
+    3 splits, so short rows leave splits empty."""
+    batch, kv_heads, groups, width, dv = 4, 2, 3, int(rng.choice([16, 24])), 16
+    window, sink_tokens = (None, 0) if layout == "full" else (int(rng.integers(20, 50)), 4)
+    k_pos, k_seg, q_pos, q_seg = decode_slots(rng, layout, batch, window or 0, sink_tokens)
+    slots = k_pos.shape[1]
+    blind = layout == "full"  # row 0's query is in a document no slot holds
+    q_seg = q_seg.at[0].set(7) if blind else q_seg
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
+
+    q, k, v = normal(batch, kv_heads * groups, width), normal(batch, slots, kv_heads, width), normal(batch, slots, kv_heads, dv)
+    sinks = None if layout == "full" else normal(kv_heads * groups).astype(jnp.float32)
+    args = dict(scale=width**-0.5, window=window, sink_tokens=sink_tokens, sink_logits=sinks)
+    out = jax.jit(lambda *a: decode_attention(*a, impl=impl_for(platform), platform=platform, block=BLOCK, splits=3,
+                                              **args))(q, k, v, k_pos, k_seg, q_pos, q_seg)
+    with jax.default_matmul_precision("float32"):
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        expected = decode_attention_reference(f32(q), f32(k), f32(v), k_pos, k_seg, q_pos, q_seg, **args)
+    assert out.shape == (batch, kv_heads * groups, dv) and out.dtype == v.dtype
+    if blind:  # the dense reference averages the values of a row with nothing visible; the kernel gives zeros
+        assert float(jnp.max(jnp.abs(out[0].astype(jnp.float32)))) == 0.0
+        out, expected = out[1:], expected[1:]
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_decode_attention_under_a_mesh_runs_per_shard_and_matches(rng, kv_heads):
+    """Inside a mesh (data=2, fsdp=2, tensor=2 on 8 fake CPU devices) the kernel runs on each device's rows
+    and heads: with 2 key heads the cache splits with the query heads; with 1 (MQA) it cannot, and is
+    repeated to every query head. Equal to the single-device call, ring buffer and sink logits included."""
+    from zoo.train.mesh import make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (the CPU run fakes them; a one-GPU run has one)")
+    batch, heads, width = 4, 4, 16
+    k_pos, k_seg, q_pos, q_seg = decode_slots(rng, "ring", batch, window=24, sink_tokens=4)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    q, k, v, sinks = normal(batch, heads, width), normal(batch, 28, kv_heads, width), normal(batch, 28, kv_heads, width), \
+        normal(heads)
+    run = jax.jit(lambda *a: decode_attention(*a[:7], sink_logits=a[7], scale=0.25, window=24, sink_tokens=4,
+                                              impl=impl_for("gpu"), platform="gpu", block=BLOCK))
+    expected = run(q, k, v, k_pos, k_seg, q_pos, q_seg, sinks)
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        sharded = run(q, k, v, k_pos, k_seg, q_pos, q_seg, sinks)
+    assert relative_error(sharded, expected) < TOLERANCE["float32"]
+
+
+def test_decode_attention_rejects_bad_shapes_and_blocks():
+    q, k = jnp.zeros((2, 6, 16)), jnp.zeros((2, 32, 4, 16))
+    pos = jnp.zeros((2, 32), jnp.int32)
+    with pytest.raises(ValueError, match="KV dividing H"):
+        decode_attention(q, k, k, pos, pos, pos[:, 0], pos[:, 0], scale=1.0)
+    k = k[:, :, :3]
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(q, k, k, pos, pos, pos[:, 0], pos[:, 0], scale=1.0, impl="interpret", platform="gpu", block=24)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        decode_attention(q, k, k, pos, pos, pos[:, 0], pos[:, 0], scale=1.0, impl="interpret", platform="tpu", block=12)
+
+
 @pytest.mark.parametrize("mixer", ["attention", "mla"])
 def test_layers_with_the_flash_kernel_match_their_xla_form(rng, mixer):
     """The Attention layer (grouped heads, window 8 with 2 sink tokens and sink logits) and the MLA layer
     (expanded prefill: two score parts) with impl=the kernel equal impl="xla": outputs and parameter
     gradients, float32, packed documents; then the same through a cache in chunks (prefill over the cache's
-    view, then single-token decode) against the layer's forward."""
+    view, then single-token decode: decode_attention over the attention layer's ring buffer) against the
+    layer's forward."""
     import dataclasses
 
     from inputs import decode_in_chunks, init, packed_batch, randomize

@@ -22,15 +22,9 @@ from jax.sharding import PartitionSpec as P
 from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.mla_decode import gpu, tpu
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
+from zoo.pallas_kernels.splits import combine_splits, default_splits
 from zoo.pallas_kernels.tiles import triton_width
 from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
-
-
-def default_splits(batch: int, slots: int, block: int, target_programs: int = 264) -> int:
-    """Enough splits that rows x splits reach ~2 per streaming multiprocessor of an H100 (132) when rows
-    alone do not (each (row, split) is then H / head_block programs), without splits shorter than 8
-    blocks."""
-    return max(1, min(target_programs // max(batch, 1), slots // (8 * block)))
 
 
 def paged_to_contiguous(pool, block_table):
@@ -93,7 +87,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     if backend.kind == "tpu":  # one program per row reads each page once: splits only feed a second core
         partial, lse = tpu.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits or 1,
                                       interpret=backend.interpret)
-        return _combine(partial, lse)
+        return combine_splits(partial, lse)
     blocks = block_table.shape[1]
     split_len = -(-blocks // (splits or default_splits(batch, blocks * block, block))) * block
     splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
@@ -105,17 +99,11 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         _pad(c.reshape(-1, rank), 1, triton_width(rank)), _pad(k_pe.reshape(-1, rope), 1, triton_width(rope)),
         lengths, block_table, scale=scale, block=block, splits=splits, split_len=split_len, head_block=head_block,
         interpret=backend.interpret)
-    return _combine(partial, lse)[:, :heads, :rank]
+    return combine_splits(partial, lse)[:, :heads, :rank]
 
 
 def _pad(x, axis, size):
     return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)])
-
-
-def _combine(partial, lse):
-    """Splits' normalised outputs [B, splits, H, R] weighted by their share of the softmax mass."""
-    weights = jax.nn.softmax(lse, axis=1)  # [B, splits, H]
-    return jnp.einsum("bsh,bshr->bhr", weights, partial)
 
 
 def latent_decode(q_lat, q_pe, c, k_pe, lengths, v_up, *, scale: float, block_table=None, impl: str = "auto",
