@@ -1,15 +1,20 @@
-"""Attention kernels on one GPU: MLA absorbed decode (zoo.pallas_kernels.mla_decode) against zoo's XLA
-form of the same step, with the HBM copy ceiling measured in the same run.
+"""Decode kernels on one GPU, with the HBM copy ceiling measured in the same run:
+- MLA absorbed decode (zoo.pallas_kernels.mla_decode) against zoo's XLA form of the same step;
+- GQA decode (zoo.pallas_kernels.decode_attention) against its XLA form and cuDNN (jax.nn.dot_product_attention).
 
     python bench/attention_kernels.py --batches 64,128 --contexts 4096,8192,16384,32768 --out results.jsonl
-    python bench/attention_kernels.py --sweep   # also head_block x block x warps x stages at one shape
+    python bench/attention_kernels.py --sweep   # also orientation x head_block x block x warps x stages at one shape
+    python bench/attention_kernels.py --heads 16  # the memory-bound case: 128 heads split over 8 GPUs
+    python bench/attention_kernels.py --gqa-only --gqa-batches 8,64 --contexts 8192,32768
 
-Shape as DeepSeek-V2/V3 decode: 128 heads, kv_lora_rank 512, RoPE dim 64, bf16 cache and queries, every
-row attending to its whole context (lengths = context). Paged: the same cache cut into 64-slot pages and
-scattered over a pool in a random order, read through the block table. XLA = zoo.layers.mla.latent_attention on the
-same bf16 arrays (what the MLA layer runs today). Achieved GB/s counts the compulsory traffic: the
+MLA shape as DeepSeek-V2/V3 decode: 128 heads (--heads), kv_lora_rank 512, RoPE dim 64, bf16 cache and
+queries, every row attending to its whole context (lengths = context). Paged: the same cache cut into
+64-slot pages and scattered over a pool in a random order, read through the block table. XLA =
+zoo.layers.mla.latent_attention on the same bf16 arrays. Achieved GB/s counts the compulsory traffic: the
 cache read once (c and k_pe), queries read and outputs written once; TFLOP/s counts 2 * H * context *
-(2R + P) per row. Timing: two untimed calls, then median of `--repeats` groups of 10 calls.
+(2R + P) per row. GQA shape as Llama-3-8B: 32 query heads, 8 key heads of 128, bf16 cache [B, S, 8, 128]
+full to the context; GB/s counts keys and values read once. Timing: two untimed calls, then median of
+`--repeats` groups of 10 calls.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parent))
 from scan_kernels import ceilings, time_jax  # noqa: E402
 from zoo.layers.mla import latent_attention  # noqa: E402
+from zoo.pallas_kernels.decode_attention import decode_attention  # noqa: E402
+from zoo.pallas_kernels.decode_attention import gpu as decode_gpu  # noqa: E402
 from zoo.pallas_kernels.mla_decode import gpu, mla_decode  # noqa: E402
 
-HEADS, RANK, ROPE = 128, 512, 64
+HEADS, RANK, ROPE = 128, 512, 64  # HEADS: --heads
+GQA_HEADS, GQA_KV_HEADS, GQA_DIM = 32, 8, 128
 
 
 def inputs(batch, context):
@@ -68,38 +76,95 @@ def measure(batch, context, repeats, **kernel_args):
     record = {"batch": batch, "context": context, "heads": HEADS, "rank": RANK, "rope": ROPE, "dtype": "bfloat16",
               "zoo_pallas_ms": 1e3 * seconds, "zoo_pallas_GBps": traffic_bytes(batch, context) / seconds / 1e9,
               "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, **kernel_args,
-              "warps": gpu.WARPS, "stages": gpu.STAGES}
+              "orientation": gpu.ORIENTATION, "warps": gpu.WARPS, "stages": gpu.STAGES}
     return record, ours, args, scale
 
 
+def gqa_measure(batch, context, repeats):
+    """GQA decode over a full cache: zoo's kernel, its XLA form and cuDNN, and their agreement."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (batch, GQA_HEADS, GQA_DIM), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (batch, context, GQA_KV_HEADS, GQA_DIM), jnp.bfloat16) for key in keys[1:])
+    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    segments, q_pos, q_seg = jnp.ones_like(positions), jnp.full((batch,), context - 1, jnp.int32), jnp.ones((batch,), jnp.int32)
+    scale = GQA_DIM**-0.5
+    traffic = 2 * k.nbytes + 2 * q.nbytes
+    record = {"kernel": "gqa_decode", "batch": batch, "context": context, "heads": GQA_HEADS, "kv_heads": GQA_KV_HEADS,
+              "head_dim": GQA_DIM, "dtype": "bfloat16", "warps": decode_gpu.WARPS, "stages": decode_gpu.STAGES}
+    outputs = {}
+    for name, impl in (("zoo_pallas", "pallas"), ("zoo_xla", "xla")):
+        fn = jax.jit(lambda q, k, v, impl=impl: decode_attention(q, k, v, positions, segments, q_pos, q_seg, scale=scale,
+                                                                 impl=impl))
+        seconds = time_jax(fn, q, k, v, repeats=repeats)
+        outputs[name] = fn(q, k, v).astype(jnp.float32)
+        record.update({f"{name}_ms": 1e3 * seconds, f"{name}_GBps": traffic / seconds / 1e9})
+    try:
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, scale=scale,
+                                                                     implementation="cudnn")[:, 0])
+        seconds = time_jax(cudnn, q, k, v, repeats=repeats)
+        outputs["cudnn"] = cudnn(q, k, v).astype(jnp.float32)
+        record.update(cudnn_ms=1e3 * seconds, cudnn_GBps=traffic / seconds / 1e9)
+    except Exception as error:  # noqa: BLE001 - cuDNN may refuse one query against many keys
+        record["cudnn_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    want = outputs["zoo_xla"]
+    for name, got in outputs.items():
+        if name != "zoo_xla":
+            record[f"err_{name}_vs_xla"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    return record
+
+
 def main():
+    global HEADS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="64,128")
     parser.add_argument("--contexts", default="4096,8192,16384,32768")
+    parser.add_argument("--heads", type=int, default=HEADS, help="MLA query heads (128: one GPU; 16: TP 8)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-grid", default="slots:16,32,64:64,128:4,8:2,3;heads:32:64:4:2",
+                        help="';'-separated orientation:head_blocks:blocks:warps:stages, each a ','-list")
+    parser.add_argument("--gqa-batches", default="8,64", help="GQA decode batches ('' skips GQA)")
+    parser.add_argument("--gqa-only", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
+    HEADS = args.heads
     device = jax.devices()[0].device_kind
     ceiling = ceilings(args.repeats)
     print(f"{device}: copy {ceiling['copy_GBps']:.0f} GB/s, bf16 matmul {ceiling['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
           flush=True)
     records = []
-    if args.sweep:
-        defaults = gpu.WARPS, gpu.STAGES
-        for head_block, block, warps, stages in itertools.product((32, 64), (32, 64, 128), (4, 8), (2, 3)):
-            gpu.WARPS, gpu.STAGES = warps, stages
-            try:
-                record, *_ = measure(128, 8192, args.repeats, head_block=head_block, block=block)
-            except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile is reported
-                print(f"head_block {head_block} block {block} warps {warps} stages {stages}: {type(error).__name__}: "
-                      f"{str(error)[:200]}", flush=True)
-                continue
-            record.update(device=device, **ceiling)
-            records.append(record)
-            print(json.dumps(record), flush=True)
-        gpu.WARPS, gpu.STAGES = defaults
-    for batch, context in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
+
+    def report(record):
+        record.update(device=device, **ceiling)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        if args.out:  # after every record: a call cut off at its time limit keeps what it measured
+            with open(args.out, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+    contexts = list(map(int, args.contexts.split(",")))
+    if args.sweep and not args.gqa_only:
+        defaults = gpu.ORIENTATION, gpu.WARPS, gpu.STAGES
+        reference = None
+        for group in args.sweep_grid.split(";"):
+            orientation, *lists = group.split(":")
+            for head_block, block, warps, stages in itertools.product(*(map(int, x.split(",")) for x in lists)):
+                gpu.ORIENTATION, gpu.WARPS, gpu.STAGES = orientation, warps, stages
+                try:
+                    record, ours, inputs_, scale = measure(128, 8192, args.repeats, head_block=head_block, block=block)
+                except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile is reported
+                    print(f"{orientation} head_block {head_block} block {block} warps {warps} stages {stages}: "
+                          f"{type(error).__name__}: {str(error)[:200]}", flush=True)
+                    continue
+                if reference is None:
+                    reference = jax.jit(lambda *a: xla_decode(*a, scale=scale))(*inputs_).astype(jnp.float32)
+                got = ours(*inputs_)
+                record["err_pallas_vs_xla"] = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
+                report(record)
+                del inputs_, ours
+        gpu.ORIENTATION, gpu.WARPS, gpu.STAGES = defaults
+        del reference
+    for batch, context in itertools.product(map(int, args.batches.split(",")) if not args.gqa_only else (), contexts):
         record, ours, inputs_, scale = measure(batch, context, args.repeats)
         xla = jax.jit(lambda *a: xla_decode(*a, scale=scale))
         xla_seconds = time_jax(xla, *inputs_, repeats=args.repeats)
@@ -110,18 +175,18 @@ def main():
         paged_seconds = time_jax(paged_decode, q_lat, q_pe, c_pool, pe_pool, lengths, table, repeats=args.repeats)
         got_paged = paged_decode(q_lat, q_pe, c_pool, pe_pool, lengths, table)
         del c_pool, pe_pool
-        record.update(device=device, **ceiling, zoo_paged_ms=1e3 * paged_seconds,
+        record.update(zoo_paged_ms=1e3 * paged_seconds,
                       zoo_paged_GBps=traffic_bytes(batch, context) / paged_seconds / 1e9,
                       paged_equals_contiguous=bool(jnp.array_equal(got_paged, got)), zoo_xla_ms=1e3 * xla_seconds,
                       zoo_xla_GBps=traffic_bytes(batch, context) / xla_seconds / 1e9,
                       fraction_of_copy=record["zoo_pallas_GBps"] / ceiling["copy_GBps"],
                       err_pallas_vs_xla=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))))
-        records.append(record)
-        print(json.dumps(record), flush=True)
+        report(record)
         del inputs_
-    if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    for batch, context in itertools.product([int(b) for b in args.gqa_batches.split(",") if b], contexts):
+        record = gqa_measure(batch, context, args.repeats)
+        record["fraction_of_copy"] = record["zoo_pallas_GBps"] / ceiling["copy_GBps"]
+        report(record)
 
 
 if __name__ == "__main__":
