@@ -3,7 +3,7 @@
 - GQA decode (zoo.pallas_kernels.decode_attention) against its XLA form and cuDNN (jax.nn.dot_product_attention).
 
     python bench/attention_kernels.py --batches 64,128 --contexts 4096,8192,16384,32768 --out results.jsonl
-    python bench/attention_kernels.py --sweep   # also orientation x head_block x block x warps x stages at one shape
+    python bench/attention_kernels.py --sweep   # also head_block x block x warps x stages at one shape
     python bench/attention_kernels.py --heads 16  # the memory-bound case: 128 heads split over 8 GPUs
     python bench/attention_kernels.py --gqa-only --gqa-batches 8,64 --contexts 8192,32768
 
@@ -76,7 +76,7 @@ def measure(batch, context, repeats, **kernel_args):
     record = {"batch": batch, "context": context, "heads": HEADS, "rank": RANK, "rope": ROPE, "dtype": "bfloat16",
               "zoo_pallas_ms": 1e3 * seconds, "zoo_pallas_GBps": traffic_bytes(batch, context) / seconds / 1e9,
               "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, **kernel_args,
-              "orientation": gpu.ORIENTATION, "warps": gpu.WARPS, "stages": gpu.STAGES}
+              "warps": gpu.WARPS, "stages": gpu.STAGES}
     return record, ours, args, scale
 
 
@@ -121,8 +121,8 @@ def main():
     parser.add_argument("--heads", type=int, default=HEADS, help="MLA query heads (128: one GPU; 16: TP 8)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-grid", default="slots:16,32,64:64,128:4,8:2,3;heads:32:64:4:2",
-                        help="';'-separated orientation:head_blocks:blocks:warps:stages, each a ','-list")
+    parser.add_argument("--sweep-grid", default="32,64:32,64,128:4,8:2,3",
+                        help="head_blocks:blocks:warps:stages, each a ','-list")
     parser.add_argument("--gqa-batches", default="8,64", help="GQA decode batches ('' skips GQA)")
     parser.add_argument("--gqa-only", action="store_true")
     parser.add_argument("--out")
@@ -130,7 +130,8 @@ def main():
     HEADS = args.heads
     device = jax.devices()[0].device_kind
     ceiling = ceilings(args.repeats)
-    print(f"{device}: copy {ceiling['copy_GBps']:.0f} GB/s, bf16 matmul {ceiling['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
+    print(f"{device}: copy {ceiling['copy_GBps']:.0f} GB/s, read {ceiling['read_GBps']:.0f} GB/s, bf16 matmul "
+          f"{ceiling['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
           flush=True)
     records = []
 
@@ -144,25 +145,24 @@ def main():
 
     contexts = list(map(int, args.contexts.split(",")))
     if args.sweep and not args.gqa_only:
-        defaults = gpu.ORIENTATION, gpu.WARPS, gpu.STAGES
+        defaults = gpu.WARPS, gpu.STAGES
         reference = None
-        for group in args.sweep_grid.split(";"):
-            orientation, *lists = group.split(":")
-            for head_block, block, warps, stages in itertools.product(*(map(int, x.split(",")) for x in lists)):
-                gpu.ORIENTATION, gpu.WARPS, gpu.STAGES = orientation, warps, stages
-                try:
-                    record, ours, inputs_, scale = measure(128, 8192, args.repeats, head_block=head_block, block=block)
-                except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile is reported
-                    print(f"{orientation} head_block {head_block} block {block} warps {warps} stages {stages}: "
-                          f"{type(error).__name__}: {str(error)[:200]}", flush=True)
-                    continue
-                if reference is None:
-                    reference = jax.jit(lambda *a: xla_decode(*a, scale=scale))(*inputs_).astype(jnp.float32)
-                got = ours(*inputs_)
-                record["err_pallas_vs_xla"] = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
-                report(record)
-                del inputs_, ours
-        gpu.ORIENTATION, gpu.WARPS, gpu.STAGES = defaults
+        head_blocks, blocks, warps_, stages_ = (list(map(int, x.split(","))) for x in args.sweep_grid.split(":"))
+        for head_block, block, warps, stages in itertools.product(head_blocks, blocks, warps_, stages_):
+            gpu.WARPS, gpu.STAGES = warps, stages
+            try:
+                record, ours, inputs_, scale = measure(128, 8192, args.repeats, head_block=head_block, block=block)
+            except Exception as error:  # noqa: BLE001 - a configuration Triton cannot compile is reported
+                print(f"head_block {head_block} block {block} warps {warps} stages {stages}: {type(error).__name__}: "
+                      f"{str(error)[:200]}", flush=True)
+                continue
+            if reference is None:
+                reference = jax.jit(lambda *a: xla_decode(*a, scale=scale))(*inputs_).astype(jnp.float32)
+            got = ours(*inputs_)
+            record["err_pallas_vs_xla"] = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
+            report(record)
+            del inputs_, ours
+        gpu.WARPS, gpu.STAGES = defaults
         del reference
     for batch, context in itertools.product(map(int, args.batches.split(",")) if not args.gqa_only else (), contexts):
         record, ours, inputs_, scale = measure(batch, context, args.repeats)
@@ -180,12 +180,14 @@ def main():
                       paged_equals_contiguous=bool(jnp.array_equal(got_paged, got)), zoo_xla_ms=1e3 * xla_seconds,
                       zoo_xla_GBps=traffic_bytes(batch, context) / xla_seconds / 1e9,
                       fraction_of_copy=record["zoo_pallas_GBps"] / ceiling["copy_GBps"],
+                      fraction_of_read=record["zoo_pallas_GBps"] / ceiling["read_GBps"],
                       err_pallas_vs_xla=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))))
         report(record)
         del inputs_
     for batch, context in itertools.product([int(b) for b in args.gqa_batches.split(",") if b], contexts):
         record = gqa_measure(batch, context, args.repeats)
-        record["fraction_of_copy"] = record["zoo_pallas_GBps"] / ceiling["copy_GBps"]
+        record.update(fraction_of_copy=record["zoo_pallas_GBps"] / ceiling["copy_GBps"],
+                      fraction_of_read=record["zoo_pallas_GBps"] / ceiling["read_GBps"])
         report(record)
 
 

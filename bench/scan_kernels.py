@@ -71,13 +71,17 @@ def time_torch(fn, repeats: int) -> float:
 
 
 def ceilings(repeats: int) -> dict:
+    """HBM copy (1 GiB read + 1 GiB written), HBM read (1 GiB summed: the ceiling of a kernel that mostly
+    reads, as decode does; on an H200 it is ~1.5x the copy's) and dense bf16 matmul."""
     x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB
     copy = jax.jit(lambda a: a * 2)
     seconds = time_jax(copy, x, repeats=repeats)
+    read_seconds = time_jax(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x, repeats=repeats)
     a = jnp.ones((8192, 8192), jnp.bfloat16)
     matmul = jax.jit(lambda a, b: a @ b)
     mm_seconds = time_jax(matmul, a, a, repeats=repeats)
-    return {"copy_GBps": 2 * x.nbytes / seconds / 1e9, "matmul_bf16_TFLOPs": 2 * 8192**3 / mm_seconds / 1e12}
+    return {"copy_GBps": 2 * x.nbytes / seconds / 1e9, "read_GBps": x.nbytes / read_seconds / 1e9,
+            "matmul_bf16_TFLOPs": 2 * 8192**3 / mm_seconds / 1e12}
 
 
 def inputs(op, batch, length, heads, dim, seed=0):

@@ -10,11 +10,6 @@ normalised output and log-sum-exp; ops.py combines the splits. Head blocks vary 
 reading the same cache blocks run together and share them through L2. Slots at or past the row's length
 are never loaded as scores: whole blocks past it are skipped, the last one masked.
 Shapes are powers of two (Triton); ops.py pads heads, R, P and the cache length.
-
-Two orientations of the same walk (ORIENTATION): "heads" computes scores [heads, slots] and the
-accumulator [heads, R], so a 32-head block gives the matmuls 32 rows, below the 64 of Hopper's wgmma;
-"slots" computes the transposes, scores [slots, heads] = c q^T and accumulator [R, heads] = c^T p, whose
-matmuls have 64+ rows (the block's slots, the latent's 512) and the heads as their narrow side.
 """
 
 from __future__ import annotations
@@ -26,13 +21,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt, dot_tn
+from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt
 
 # `python bench/attention_kernels.py --sweep` (B128, 8K context, 128 heads, R 512, bf16, H100): 32 heads
 # per program, 64-slot blocks, 4 warps 1.11 ms; 64 heads 1.28 ms (8 warps) / 2.93 ms (4: the float32
-# accumulator [64, 512] spills); 16 heads 1.60 ms.
+# accumulator [64, 512] spills); 16 heads 1.60 ms. The transposed walk (scores [slots, heads], accumulator
+# [R, heads], so that every matmul has 64+ rows for Hopper's wgmma) was slower on the H200: best 1.58 ms
+# (32 heads, 4 warps, 3 stages) against this one's 1.12-1.16 (bench/results/attention_kernels_sweep_h200.jsonl).
 WARPS, STAGES = 4, 2
-ORIENTATION = "heads"  # or "slots" (see above)
 
 
 def _kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref, *, block, split_len, scale):
@@ -64,37 +60,6 @@ def _kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref,
     lse_ref[...] = jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
 
 
-def _kernel_slots_major(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref, *, block,
-                        split_len, scale):
-    """_kernel transposed: scores [block, heads], accumulator [R, heads], output written [R, heads]."""
-    start = pl.program_id(2) * split_len
-    stop = jnp.minimum(start + split_len, lengths_ref[...])
-    q_lat, q_pe = q_lat_ref[...], q_pe_ref[...]
-    heads = q_lat.shape[0]
-
-    def body(i, carry):
-        running_max, total, acc = carry
-        first = start + i * block
-        rows = pl.ds(pl.multiple_of(table_ref[first // block] * block, block), block)
-        c = c_ref[rows, :]
-        scores = (dot_nt(c, q_lat) + dot_nt(k_pe_ref[rows, :], q_pe)) * scale
-        slot = first + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-        scores = jnp.where(slot < stop, scores, MASKED)
-        new_max = jnp.maximum(running_max, jnp.max(scores, axis=0))
-        probs = jnp.exp(scores - new_max[None, :])
-        rescale = jnp.exp(running_max - new_max)
-        acc = acc * rescale[None, :] + dot_tn(c, probs.astype(c.dtype))
-        return new_max, total * rescale + jnp.sum(probs, axis=0), acc
-
-    count = (jnp.maximum(stop - start, 0) + block - 1) // block
-    init = (jnp.full((heads,), MASKED, F32), jnp.zeros((heads,), F32), jnp.zeros((q_lat.shape[1], heads), F32))
-    running_max, total, acc = jax.lax.fori_loop(0, count, body, init)
-    empty = total == 0.0
-    safe_total = jnp.where(empty, 1.0, total)
-    o_ref[...] = jnp.where(empty[None, :], 0.0, acc / safe_total[None, :])
-    lse_ref[...] = jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
-
-
 def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale: float, block: int, splits: int,
                split_len: int, head_block: int, interpret: bool):
     """q_lat [B, H, R], q_pe [B, H, P]; the page pool c [N * block, R], k_pe [N * block, P]; lengths [B] int32
@@ -105,21 +70,16 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale: float, bloc
     rope = q_pe.shape[-1]
     per_head_block = lambda width: pl.BlockSpec((None, head_block, width), lambda h, b, s: (b, h, 0))  # noqa: E731
     whole_pool = lambda x: pl.BlockSpec(x.shape, lambda h, b, s: (0, 0))  # noqa: E731
-    slots_major = ORIENTATION == "slots"
-    if slots_major:
-        kernel, out_block = _kernel_slots_major, pl.BlockSpec((None, None, rank, head_block), lambda h, b, s: (b, s, 0, h))
-    else:
-        kernel, out_block = _kernel, pl.BlockSpec((None, None, head_block, rank), lambda h, b, s: (b, s, h, 0))
-    partial, lse = pl.pallas_call(
-        functools.partial(kernel, block=block, split_len=split_len, scale=scale),
+    return pl.pallas_call(
+        functools.partial(_kernel, block=block, split_len=split_len, scale=scale),
         grid=(heads // head_block, batch, splits),
         in_specs=[pl.BlockSpec((None,), lambda h, b, s: (b,)),
                   pl.BlockSpec((None, block_table.shape[1]), lambda h, b, s: (b, 0)),
                   per_head_block(rank), per_head_block(rope), whole_pool(c), whole_pool(k_pe)],
-        out_specs=[out_block, pl.BlockSpec((None, None, head_block), lambda h, b, s: (b, s, h))],
-        out_shape=[jax.ShapeDtypeStruct((batch, splits, *((rank, heads) if slots_major else (heads, rank))), F32),
+        out_specs=[pl.BlockSpec((None, None, head_block, rank), lambda h, b, s: (b, s, h, 0)),
+                   pl.BlockSpec((None, None, head_block), lambda h, b, s: (b, s, h))],
+        out_shape=[jax.ShapeDtypeStruct((batch, splits, heads, rank), F32),
                    jax.ShapeDtypeStruct((batch, splits, heads), F32)],
         compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=STAGES), interpret=interpret,
         name="mla_decode",
     )(lengths, block_table, q_lat, q_pe, c, k_pe)
-    return (jnp.swapaxes(partial, -1, -2) if slots_major else partial), lse
