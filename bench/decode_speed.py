@@ -5,7 +5,7 @@ cache's bytes, e.g. an MLA model against the same-size GQA model (issue: MLA vs 
 
 Each preset runs in bf16 (random weights: speed does not depend on them) through zoo.generate.Generator, the
 path `zoo generate` takes, with kernel_impl "auto" (Pallas on GPUs: flash attention for the prefill, the MLA
-decode kernel for MLA's decode) and, with --also-xla, "xla". A row's prompt is `context - new_tokens` tokens.
+and GQA decode kernels for the decode) and, with --also-xla, "xla" (at 32K its dense prefill needs ~400 GB). A row's prompt is `context - new_tokens` tokens.
 Prefill time = a call generating 1 token; decode tokens/s = batch * (new_tokens - 1) / (time of the call
 generating new_tokens - prefill time). Medians of --repeats calls after one untimed (compiling) call.
 """
