@@ -23,9 +23,10 @@ import numpy as np
 from flax import struct
 
 from zoo.errors import ConfigError
-from zoo.layers.attention import Attention, AttentionConfig
+from zoo.layers.attention import CACHE_BLOCK, Attention, AttentionConfig
 from zoo.layers.kv_cache import SlotCache
 from zoo.layers.params import constrain, weight
+from zoo.pallas_kernels.decode_attention import decode_attention
 from zoo.pallas_kernels.flash_attention import flash_attention
 
 
@@ -75,12 +76,13 @@ def duo_init_cache(config: DuoAttentionConfig, batch: int, max_len: int, dtype) 
                          "the layer is in gate-training mode)")
     axes = ("kv_heads", "head_dim")
 
-    def part(heads: int, **ring):
+    def part(heads: int, slots: int, **ring):
         shape = (heads, config.head_dim)
-        return SlotCache.create(batch, max_len, {"k": shape, "v": shape}, dtype, axes={"k": axes, "v": axes}, **ring)
+        return SlotCache.create(batch, slots, {"k": shape, "v": shape}, dtype, axes={"k": axes, "v": axes}, **ring)
 
-    return DuoCache(retrieval=part(len(config.retrieval_heads)),
-                    streaming=part(len(config.streaming_heads), window=config.window, sink_tokens=config.sink_tokens))
+    return DuoCache(retrieval=part(len(config.retrieval_heads), -(-max_len // CACHE_BLOCK) * CACHE_BLOCK),
+                    streaming=part(len(config.streaming_heads), max_len, window=config.window,
+                                   sink_tokens=config.sink_tokens))
 
 
 class DuoAttention(Attention):
@@ -88,14 +90,16 @@ class DuoAttention(Attention):
 
     config: DuoAttentionConfig
 
-    def _attend(self, q, k, v, positions, segment_ids, k_positions, k_segments, sinks, *, streaming: bool):
+    def _attend(self, q, k, v, positions, segment_ids, k_positions, k_segments, sinks, *, streaming: bool,
+                decoding: bool = False):
         cfg = self.config
-        return flash_attention(
-            q, k.astype(self.dtype), v.astype(self.dtype), positions, segment_ids, k_positions, k_segments,
-            scale=cfg.head_dim**-0.5, window=cfg.window if streaming else None,
-            sink_tokens=cfg.sink_tokens if streaming else 0, sink_logits=sinks,
-            impl=cfg.impl if q.shape[1] > 1 else "xla",
-        )
+        masking = dict(scale=cfg.head_dim**-0.5, window=cfg.window if streaming else None,
+                       sink_tokens=cfg.sink_tokens if streaming else 0, sink_logits=sinks)
+        if decoding:  # over the written cache in place, in its own dtype (as Attention's decode)
+            return decode_attention(q[:, 0], k, v, k_positions, k_segments, positions[:, 0], segment_ids[:, 0],
+                                    impl=cfg.impl, **masking)[:, None].astype(self.dtype)
+        return flash_attention(q, k.astype(self.dtype), v.astype(self.dtype), positions, segment_ids, k_positions,
+                               k_segments, impl=cfg.impl if q.shape[1] > 1 else "xla", **masking)
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids, cache=None):
@@ -110,6 +114,7 @@ class DuoAttention(Attention):
         if cfg.sink_logits:
             sinks = weight(self, "sink_logits", (cfg.num_heads,), ("heads",), init=nn.initializers.zeros, dtype=self.param_dtype)
         groups = cfg.num_heads // cfg.num_kv_heads
+        decoding = cache is not None and x.shape[1] == 1
 
         if cfg.retrieval_heads is None:
             if cache is not None:
@@ -134,11 +139,17 @@ class DuoAttention(Attention):
                     view_k, view_v, view_pos, view_seg = kh, vh, positions, segment_ids
                 else:
                     part = getattr(cache, kind)
-                    entries, view_pos, view_seg = part.view({"k": kh, "v": vh}, positions, segment_ids)
-                    view_k, view_v = entries["k"], entries["v"]
                     new_parts[kind] = part.write({"k": kh, "v": vh}, positions, segment_ids)
+                    if decoding:  # written first, read in place (Attention's decode)
+                        written = new_parts[kind]
+                        view_k, view_v = written.entries["k"], written.entries["v"]
+                        view_pos, view_seg = written.positions, written.segment_ids
+                    else:
+                        entries, view_pos, view_seg = part.view({"k": kh, "v": vh}, positions, segment_ids)
+                        view_k, view_v = entries["k"], entries["v"]
                 out_part = self._attend(q[:, :, q_index], view_k, view_v, positions, segment_ids, view_pos, view_seg,
-                                        None if sinks is None else sinks[q_index], streaming=kind == "streaming")
+                                        None if sinks is None else sinks[q_index], streaming=kind == "streaming",
+                                        decoding=decoding)
                 parts.append((q_index, out_part))
             order = np.concatenate([index for index, _ in parts])
             out = jnp.concatenate([o for _, o in parts], axis=2)[:, :, np.argsort(order)]

@@ -4,12 +4,14 @@ silencing the other heads' output projections), the gate mixes the two linearly;
 the cache holds full-length K/V for retrieval heads only. Tolerances: tests/reference.py TOLERANCE (fp32 1e-5,
 bf16 4e-2, relative to the output's max magnitude)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import reference
-from inputs import decode_in_chunks, forward, init, packed_batch, randomize, single_document
+from inputs import decode_in_chunks, forward, impl_for, init, packed_batch, randomize, single_document
 from zoo.config import LayerConfig, ModelConfig
 from zoo.errors import ConfigError
 from zoo.layers.attention import Attention, AttentionConfig
@@ -79,12 +81,13 @@ def test_gate_mixes_full_and_streaming_outputs(rng):
     assert reference.relative_error(out, full) > 1e-3  # the gates did move the output away from full attention
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_matches_forward(dtype, rng):
-    """Token by token, and a 7-token chunk then tokens: 24 tokens wrap the streaming ring several times."""
+@pytest.mark.parametrize("dtype, impl", [("float32", "xla"), ("bfloat16", "xla"), ("float32", impl_for("gpu"))])
+def test_decode_matches_forward(dtype, impl, rng):
+    """Token by token, and a 7-token chunk then tokens: 24 tokens wrap the streaming ring several times; with
+    the kernels, the prefill runs flash_attention and each token decode_attention over both caches."""
     x = rng.standard_normal((2, 24, D_MODEL)).astype(np.float32)
     positions, segments = single_document(x)
-    config = duo((0, 2))
+    config = dataclasses.replace(duo((0, 2)), impl=impl)
     module = DuoAttention(config, D_MODEL, dtype=jnp.dtype(dtype))
     params = randomize(init(module, x, positions, segments, seed=int(rng.integers(1 << 30))), rng)
     full = np.asarray(forward(module, params, x, positions, segments), np.float64)
@@ -95,14 +98,15 @@ def test_decode_matches_forward(dtype, rng):
 
 @pytest.mark.parametrize("retrieval", [(), (1,), (0, 1, 2)])
 def test_cache_holds_full_context_for_retrieval_heads_only(retrieval):
-    """Per KV head and token slot: k and v in bfloat16; per slot of each part: a position and a segment id."""
+    """Per KV head and token slot: k and v in bfloat16; per slot of each part: a position and a segment id. The
+    retrieval part holds max_len slots rounded up to whole decode blocks (100 -> 128)."""
     module = DuoAttention(duo(retrieval), D_MODEL)
     per_head_slot = 2 * HEAD_DIM * 2
-    for max_len in (64, 4096):
+    for max_len, slots in ((100, 128), (4096, 4096)):
         cache = module.init_cache(3, max_len, jnp.bfloat16)
-        assert cache.retrieval.entries["k"].shape == (3, max_len, len(retrieval), HEAD_DIM)
+        assert cache.retrieval.entries["k"].shape == (3, slots, len(retrieval), HEAD_DIM)
         assert cache.streaming.entries["k"].shape == (3, WINDOW + SINKS, KV_HEADS - len(retrieval), HEAD_DIM)
-        expected = 3 * (max_len * (len(retrieval) * per_head_slot + 8)
+        expected = 3 * (slots * (len(retrieval) * per_head_slot + 8)
                         + (WINDOW + SINKS) * ((KV_HEADS - len(retrieval)) * per_head_slot + 8))
         assert cache_bytes(cache) == expected
 
