@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zoo.pallas_kernels.tiles import MASKED
+
 
 def default_splits(rows: int, slots: int, block: int, target_programs: int = 264) -> int:
     """Enough splits that rows x splits reach ~2 per streaming multiprocessor of an H100 (132) when rows
@@ -23,3 +25,13 @@ def combine_splits(partial, lse, sink_logits=None):
     else:
         weights = jax.nn.softmax(lse, axis=1)
     return jnp.einsum("bsh,bshd->bhd", weights, partial)
+
+
+def split_result(acc, running_max, total):
+    """A split's online softmax finished in the kernel: (normalised output, log-sum-exp). A split that saw no
+    slot gives zeros and MASKED (no weight in combine_splits). running_max and total are [rows] or broadcast
+    against acc as they are (the TPU kernels keep them [rows, 1])."""
+    empty = total == 0.0
+    safe_total = jnp.where(empty, 1.0, total)
+    column = (lambda x: x) if total.ndim == acc.ndim else (lambda x: x[:, None])
+    return jnp.where(column(empty), 0.0, acc / column(safe_total)), jnp.where(empty, MASKED, running_max + jnp.log(safe_total))

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from zoo.pallas_kernels.flash_attention.masking import visible
+from zoo.pallas_kernels.splits import split_result
 from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt
 
 WARPS, STAGES = 4, 2
@@ -58,10 +59,7 @@ def _kernel(used_ref, q_pos_ref, q_seg_ref, q_ref, k_ref, v_ref, k_pos_ref, k_se
     count = (jnp.maximum(stop - start, 0) + block - 1) // block
     init = (jnp.full((heads,), MASKED, F32), jnp.zeros((heads,), F32), jnp.zeros((heads, o_ref.shape[-1]), F32))
     running_max, total, acc = jax.lax.fori_loop(0, count, body, init)
-    empty = total == 0.0
-    safe_total = jnp.where(empty, 1.0, total)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_total[:, None])
-    lse_ref[...] = jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
+    o_ref[...], lse_ref[...] = split_result(acc, running_max, total)
 
 
 def decode_attention(q, k, v, k_pos, k_seg, q_pos, q_seg, used, *, scale: float, window: int | None,

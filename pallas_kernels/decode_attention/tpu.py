@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from zoo.pallas_kernels.flash_attention.masking import visible
+from zoo.pallas_kernels.splits import split_result
 from zoo.pallas_kernels.tiles import F32, MASKED, dot_nt, dot_tn
 
 
@@ -55,11 +56,7 @@ def _kernel(used_ref, q_pos_ref, q_seg_ref, q_ref, k_ref, v_ref, k_pos_ref, k_se
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
-        total = sum_ref[...]
-        empty = total == 0.0
-        safe_total = jnp.where(empty, 1.0, total)
-        o_ref[...] = jnp.where(empty, 0.0, acc_ref[...] / safe_total)
-        lse_ref[...] = jnp.where(empty, MASKED, max_ref[...] + jnp.log(safe_total))
+        o_ref[...], lse_ref[...] = split_result(acc_ref[...], max_ref[...], sum_ref[...])
 
 
 def decode_attention(q, k, v, k_pos, k_seg, q_pos, q_seg, used, *, scale: float, window: int | None,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from zoo.pallas_kernels.splits import split_result
 from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt
 
 # `python bench/attention_kernels.py --sweep` (B128, 8K context, 128 heads, R 512, bf16, H100): 32 heads
@@ -54,10 +55,7 @@ def _kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref,
     count = (jnp.maximum(stop - start, 0) + block - 1) // block
     init = (jnp.full((heads,), MASKED, F32), jnp.zeros((heads,), F32), jnp.zeros((heads, q_lat.shape[1]), F32))
     running_max, total, acc = jax.lax.fori_loop(0, count, body, init)
-    empty = total == 0.0
-    safe_total = jnp.where(empty, 1.0, total)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_total[:, None])
-    lse_ref[...] = jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
+    o_ref[...], lse_ref[...] = split_result(acc, running_max, total)
 
 
 def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale: float, block: int, splits: int,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from zoo.pallas_kernels.splits import split_result
 from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt
 
 
@@ -55,11 +56,7 @@ def _kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref,
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
-        total = sum_ref[...]
-        empty = total == 0.0
-        safe_total = jnp.where(empty, 1.0, total)
-        o_ref[...] = jnp.where(empty, 0.0, acc_ref[...] / safe_total)
-        lse_ref[...] = jnp.where(empty, MASKED, max_ref[...] + jnp.log(safe_total))
+        o_ref[...], lse_ref[...] = split_result(acc_ref[...], max_ref[...], sum_ref[...])
 
 
 def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale: float, splits: int, interpret: bool):
