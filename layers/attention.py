@@ -16,7 +16,6 @@ Causality, windows, sinks and document boundaries are all decided from positions
 distinct segment ids. Training and prefill run zoo.pallas_kernels.flash_attention; single-token decode
 writes the token into the cache and runs zoo.pallas_kernels.decode_attention over the cache in place
 (`impl`: "auto" is the Pallas kernels on GPUs and TPUs and this file's dense softmax elsewhere).
-Full-context caches hold a multiple of CACHE_BLOCK slots, so the TPU decode kernel tiles them exactly.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from zoo.pallas_kernels.flash_attention import flash_attention
 from zoo.pallas_kernels.flash_attention.masking import visible
 
 MASKED = -1e30  # finite, so a row with nothing visible stays NaN-free
-CACHE_BLOCK = 128  # full-context caches hold a multiple of this many slots (decode_attention's TPU block)
 
 
 @dataclass(frozen=True)
@@ -138,9 +136,8 @@ def attention_init_cache(config: AttentionConfig, batch: int, max_len: int, dtyp
         return EmptyCache()
     per_token = (config.num_kv_heads, config.head_dim)
     axes = ("kv_heads", "head_dim")
-    slots = max_len if config.window is not None else -(-max_len // CACHE_BLOCK) * CACHE_BLOCK  # a ring sizes itself
     return SlotCache.create(
-        batch, slots, {"k": per_token, "v": per_token}, dtype, window=config.window, sink_tokens=config.sink_tokens,
+        batch, max_len, {"k": per_token, "v": per_token}, dtype, window=config.window, sink_tokens=config.sink_tokens,
         axes={"k": axes, "v": axes},
     )
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import struct
 
 from zoo.errors import ConfigError
-from zoo.layers.attention import CACHE_BLOCK, Attention, AttentionConfig
+from zoo.layers.attention import Attention, AttentionConfig
 from zoo.layers.kv_cache import SlotCache
 from zoo.layers.params import constrain, weight
 from zoo.pallas_kernels.decode_attention import decode_attention
@@ -76,13 +76,12 @@ def duo_init_cache(config: DuoAttentionConfig, batch: int, max_len: int, dtype) 
                          "the layer is in gate-training mode)")
     axes = ("kv_heads", "head_dim")
 
-    def part(heads: int, slots: int, **ring):
+    def part(heads: int, **ring):
         shape = (heads, config.head_dim)
-        return SlotCache.create(batch, slots, {"k": shape, "v": shape}, dtype, axes={"k": axes, "v": axes}, **ring)
+        return SlotCache.create(batch, max_len, {"k": shape, "v": shape}, dtype, axes={"k": axes, "v": axes}, **ring)
 
-    return DuoCache(retrieval=part(len(config.retrieval_heads), -(-max_len // CACHE_BLOCK) * CACHE_BLOCK),
-                    streaming=part(len(config.streaming_heads), max_len, window=config.window,
-                                   sink_tokens=config.sink_tokens))
+    return DuoCache(retrieval=part(len(config.retrieval_heads)),
+                    streaming=part(len(config.streaming_heads), window=config.window, sink_tokens=config.sink_tokens))
 
 
 class DuoAttention(Attention):

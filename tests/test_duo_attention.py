@@ -98,15 +98,14 @@ def test_decode_matches_forward(dtype, impl, rng):
 
 @pytest.mark.parametrize("retrieval", [(), (1,), (0, 1, 2)])
 def test_cache_holds_full_context_for_retrieval_heads_only(retrieval):
-    """Per KV head and token slot: k and v in bfloat16; per slot of each part: a position and a segment id. The
-    retrieval part holds max_len slots rounded up to whole decode blocks (100 -> 128)."""
+    """Per KV head and token slot: k and v in bfloat16; per slot of each part: a position and a segment id."""
     module = DuoAttention(duo(retrieval), D_MODEL)
     per_head_slot = 2 * HEAD_DIM * 2
-    for max_len, slots in ((100, 128), (4096, 4096)):
+    for max_len in (64, 4096):
         cache = module.init_cache(3, max_len, jnp.bfloat16)
-        assert cache.retrieval.entries["k"].shape == (3, slots, len(retrieval), HEAD_DIM)
+        assert cache.retrieval.entries["k"].shape == (3, max_len, len(retrieval), HEAD_DIM)
         assert cache.streaming.entries["k"].shape == (3, WINDOW + SINKS, KV_HEADS - len(retrieval), HEAD_DIM)
-        expected = 3 * (slots * (len(retrieval) * per_head_slot + 8)
+        expected = 3 * (max_len * (len(retrieval) * per_head_slot + 8)
                         + (WINDOW + SINKS) * ((KV_HEADS - len(retrieval)) * per_head_slot + 8))
         assert cache_bytes(cache) == expected
 

@@ -16,6 +16,9 @@ import numpy as np
 
 from zoo.config import ModelConfig
 from zoo.model import DecoderLM, init_cache
+from zoo.pallas_kernels.decode_attention.ops import BLOCKS
+
+CACHE_BLOCK = BLOCKS["tpu"]  # slots a decode cache is allocated in
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class Generator:
     def _run(self, params, tokens, positions, key, max_new_tokens: int, sampling: Sampling):
         batch, width = tokens.shape
         segments = (positions >= 0).astype(jnp.int32)
-        cache = init_cache(self.config, batch, width + max_new_tokens)
+        # Whole decode blocks: the TPU decode kernels then tile the caches without a padded copy each step.
+        cache = init_cache(self.config, batch, -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK)
         logits, cache = self.model.apply({"params": params}, tokens, positions=positions, segment_ids=segments, cache=cache)
         next_position = jnp.max(positions, axis=1) + 1
         key, sub = jax.random.split(key)
