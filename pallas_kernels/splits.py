@@ -34,4 +34,5 @@ def split_result(acc, running_max, total):
     empty = total == 0.0
     safe_total = jnp.where(empty, 1.0, total)
     column = (lambda x: x) if total.ndim == acc.ndim else (lambda x: x[:, None])
-    return jnp.where(column(empty), 0.0, acc / column(safe_total)), jnp.where(empty, MASKED, running_max + jnp.log(safe_total))
+    out = jnp.where(column(empty), 0.0, acc / column(safe_total))
+    return out, jnp.where(empty, MASKED, running_max + jnp.log(safe_total))

@@ -41,3 +41,8 @@ def triton_width(n: int) -> int:
     """The tile width Triton needs for n features or rows: a power of two of at least 16 (its bf16 matmuls
     need K >= 16; with K = 8 the compiled MLA decode kernel returned wrong scores on the H100)."""
     return 1 << max(n - 1, 15).bit_length()
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+    """x padded with `value` at the end of `axis` to `size` (the tiles' lengths and widths)."""
+    return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)], constant_values=value)

@@ -22,7 +22,7 @@ from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.decode_attention import gpu, tpu
 from zoo.pallas_kernels.decode_attention.reference import decode_attention_reference
 from zoo.pallas_kernels.splits import combine_splits, default_splits
-from zoo.pallas_kernels.tiles import triton_width
+from zoo.pallas_kernels.tiles import pad_axis, triton_width
 from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
 
 BLOCKS = {"gpu": 64, "tpu": 128}  # slots per step of the walk
@@ -42,7 +42,8 @@ def decode_attention(q, k, v, k_positions, k_segments, q_position, q_segment, *,
     slots, kv_heads = k.shape[1:3]
     ok = (k.shape == (batch, slots, kv_heads, width) and v.shape[:3] == (batch, slots, kv_heads)
           and heads % kv_heads == 0 and k_positions.shape == k_segments.shape == (batch, slots)
-          and q_position.shape == q_segment.shape == (batch,) and (sink_logits is None or sink_logits.shape == (heads,)))
+          and q_position.shape == q_segment.shape == (batch,)
+          and (sink_logits is None or sink_logits.shape == (heads,)))
     if not ok:
         raise ValueError("decode_attention needs q [B, H, D], k [B, S, KV, D], v [B, S, KV, Dv] (KV dividing H), slot "
                          "positions / segments [B, S], query position / segment [B], sink_logits [H]; got q "
@@ -97,8 +98,8 @@ def _decode(backend, q, k, v, sinks, k_pos, k_seg, q_pos, q_seg, *, scale, windo
     if backend.kind == "tpu":
         padded = -(-slots // block) * block
         if padded != slots:  # Mosaic's blocks tile the cache exactly (a copy; allocate caches in whole blocks)
-            k, v = _pad(k, 1, padded), _pad(v, 1, padded)
-            k_pos, k_seg = _pad(k_pos, 1, padded, -1), _pad(k_seg, 1, padded, -1)
+            k, v = pad_axis(k, 1, padded), pad_axis(v, 1, padded)
+            k_pos, k_seg = pad_axis(k_pos, 1, padded, -1), pad_axis(k_seg, 1, padded, -1)
         partial, lse = tpu.decode_attention(q, k, v, k_pos, k_seg, q_pos, q_seg, used, block=block, splits=splits or 1,
                                             **kernel)
     else:
@@ -106,18 +107,15 @@ def _decode(backend, q, k, v, sinks, k_pos, k_seg, q_pos, q_seg, *, scale, windo
         if slots < block or triton_width(width) != width or triton_width(dv) != dv:
             # Triton's tiles: a cache shorter than 16 slots or head dims off powers of two are padded (a copy).
             slots_padded = max(slots, block)
-            k, v = _pad(_pad(k, 1, slots_padded), 3, triton_width(width)), _pad(_pad(v, 1, slots_padded), 3, triton_width(dv))
-            k_pos, k_seg = _pad(k_pos, 1, slots_padded, -1), _pad(k_seg, 1, slots_padded, -1)
-            q = _pad(q, 3, triton_width(width))
+            k = pad_axis(pad_axis(k, 1, slots_padded), 3, triton_width(width))
+            v = pad_axis(pad_axis(v, 1, slots_padded), 3, triton_width(dv))
+            k_pos, k_seg = pad_axis(k_pos, 1, slots_padded, -1), pad_axis(k_seg, 1, slots_padded, -1)
+            q = pad_axis(q, 3, triton_width(width))
         blocks = -(-k.shape[1] // block)
         split_len = -(-blocks // (splits or default_splits(batch * kv_heads, blocks * block, block))) * block
-        partial, lse = gpu.decode_attention(_pad(q, 2, triton_width(groups)), k, v, k_pos, k_seg, q_pos, q_seg, used,
-                                            block=block, splits=-(-blocks * block // split_len), split_len=split_len,
-                                            **kernel)
+        partial, lse = gpu.decode_attention(pad_axis(q, 2, triton_width(groups)), k, v, k_pos, k_seg, q_pos, q_seg,
+                                            used, block=block, splits=-(-blocks * block // split_len),
+                                            split_len=split_len, **kernel)
         partial, lse = partial[:, :, :, :groups, :dv], lse[:, :, :, :groups]
     out = combine_splits(partial.reshape(*partial.shape[:2], heads, dv), lse.reshape(*lse.shape[:2], heads), sinks)
     return out.astype(dtype)
-
-
-def _pad(x, axis, size, value=0):
-    return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)], constant_values=value)

@@ -24,7 +24,7 @@ from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.flash_attention import gpu, tpu
 from zoo.pallas_kernels.flash_attention.masking import all_see, may_see
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
-from zoo.pallas_kernels.tiles import triton_width
+from zoo.pallas_kernels.tiles import pad_axis, triton_width
 
 _FAR = 2**30  # beyond any position or segment id
 
@@ -101,10 +101,6 @@ def _check_shapes(qs, ks, v, q_pos, q_seg, k_pos, k_seg, sink_logits):
             f"segments {q_seg.shape} / {k_seg.shape}, sinks {None if sink_logits is None else sink_logits.shape}")
 
 
-def _pad(x, axis, size, value=0):
-    return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)], constant_values=value)
-
-
 def _block_ranges(positions, segments, block):
     """Each block's (min, max) position and segment id over its real tokens ([B, n] each), and whether all
     its tokens are real."""
@@ -130,7 +126,7 @@ def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
 
     def compact(visits, whole):  # whole visits first, then the masked ones, then the rest, in order
         width = triton_width(visits.shape[-1]) if static.platform == "gpu" else visits.shape[-1]  # Mosaic: a grid axis
-        visits, whole = _pad(visits, 2, width, False), _pad(whole, 2, width, False)
+        visits, whole = pad_axis(visits, 2, width, False), pad_axis(whole, 2, width, False)
         rank = jnp.where(whole, 0, jnp.where(visits, 1, 2))
         return (jnp.sum(visits, axis=-1, dtype=jnp.int32), jnp.sum(whole, axis=-1, dtype=jnp.int32),
                 jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32))
@@ -146,11 +142,11 @@ def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
     length = -(-qs[0].shape[1] // block_t) * block_t
     slots = -(-v.shape[1] // block_s) * block_s
     width = triton_width if static.platform == "gpu" else (lambda n: n)  # Mosaic blocks take whole widths
-    qs = tuple(_pad(_pad(q, 1, length), 3, width(q.shape[-1])) for q in qs)
-    ks = tuple(_pad(_pad(k, 1, slots), 3, width(k.shape[-1])) for k in ks)
-    v = _pad(_pad(v, 1, slots), 3, width(v.shape[-1]))
-    q_pos, k_pos = _pad(q_pos, 1, length, -1), _pad(k_pos, 1, slots, -1)
-    q_seg, k_seg = _pad(q_seg, 1, length, -1), _pad(k_seg, 1, slots, -1)
+    qs = tuple(pad_axis(pad_axis(q, 1, length), 3, width(q.shape[-1])) for q in qs)
+    ks = tuple(pad_axis(pad_axis(k, 1, slots), 3, width(k.shape[-1])) for k in ks)
+    v = pad_axis(pad_axis(v, 1, slots), 3, width(v.shape[-1]))
+    q_pos, k_pos = pad_axis(q_pos, 1, length, -1), pad_axis(k_pos, 1, slots, -1)
+    q_seg, k_seg = pad_axis(q_seg, 1, length, -1), pad_axis(k_seg, 1, slots, -1)
     return qs, ks, v, q_pos, q_seg, k_pos, k_seg
 
 
@@ -198,7 +194,7 @@ def _attention_backward(static, residuals, do):
     batch, length, heads, _ = qs[0].shape
     slots = v.shape[1]
     pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
-    do = _pad(_pad(do.astype(pv.dtype), 1, o.shape[1]), 3, o.shape[-1])
+    do = pad_axis(pad_axis(do.astype(pv.dtype), 1, o.shape[1]), 3, o.shape[-1])
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
     tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))

@@ -23,7 +23,7 @@ from zoo.pallas_kernels import dispatch
 from zoo.pallas_kernels.mla_decode import gpu, tpu
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 from zoo.pallas_kernels.splits import combine_splits, default_splits
-from zoo.pallas_kernels.tiles import triton_width
+from zoo.pallas_kernels.tiles import pad_axis, triton_width
 from zoo.train.mesh import LOGICAL_RULES, logical_to_spec
 
 
@@ -79,8 +79,8 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, c.shape[0] - 1)
     else:  # a contiguous cache is a pool of B * S / block pages, row b owning its own in order
         row_pages = -(-slots // block)
-        c = _pad(c, 1, row_pages * block).reshape(batch * row_pages, block, rank)
-        k_pe = _pad(k_pe, 1, row_pages * block).reshape(batch * row_pages, block, rope)
+        c = pad_axis(c, 1, row_pages * block).reshape(batch * row_pages, block, rank)
+        k_pe = pad_axis(k_pe, 1, row_pages * block).reshape(batch * row_pages, block, rope)
         block_table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * row_pages
                        + jnp.arange(row_pages, dtype=jnp.int32)[None, :])
     q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
@@ -94,16 +94,12 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     head_block = min(triton_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
     partial, lse = gpu.mla_decode(
-        _pad(_pad(q_lat, 1, padded_heads), 2, triton_width(rank)),
-        _pad(_pad(q_pe, 1, padded_heads), 2, triton_width(rope)),
-        _pad(c.reshape(-1, rank), 1, triton_width(rank)), _pad(k_pe.reshape(-1, rope), 1, triton_width(rope)),
+        pad_axis(pad_axis(q_lat, 1, padded_heads), 2, triton_width(rank)),
+        pad_axis(pad_axis(q_pe, 1, padded_heads), 2, triton_width(rope)),
+        pad_axis(c.reshape(-1, rank), 1, triton_width(rank)), pad_axis(k_pe.reshape(-1, rope), 1, triton_width(rope)),
         lengths, block_table, scale=scale, block=block, splits=splits, split_len=split_len, head_block=head_block,
         interpret=backend.interpret)
     return combine_splits(partial, lse)[:, :heads, :rank]
-
-
-def _pad(x, axis, size):
-    return jnp.pad(x, [(0, size - n if i == axis else 0) for i, n in enumerate(x.shape)])
 
 
 def latent_decode(q_lat, q_pe, c, k_pe, lengths, v_up, *, scale: float, block_table=None, impl: str = "auto",
