@@ -18,6 +18,7 @@ too, the best of its 64 x {64, 128} tiles: what Pallas reaches on this GPU witho
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scan_kernels import time_jax, time_torch  # noqa: E402
-from zoo.pallas_kernels.flash_attention import flash_attention, gpu  # noqa: E402
+from zoo.pallas_kernels.flash_attention import flash_attention, gpu, hopper  # noqa: E402
 
 
 def jax_inputs(batch, length, heads, dims, dim_v, kv_heads, seed=0):
@@ -41,13 +42,13 @@ def jax_inputs(batch, length, heads, dims, dim_v, kv_heads, seed=0):
     return qs, ks, v, w
 
 
-def zoo_fns(length, batch, window, scale, blocks=None):
+def zoo_fns(length, batch, window, scale, blocks=None, platform=None):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     segments = jnp.ones((batch, length), jnp.int32)
 
     def forward(qs, ks, v):
         return flash_attention(qs, ks, v, positions, segments, positions, segments, scale=scale, window=window,
-                               impl="pallas", blocks=blocks)
+                               impl="pallas", blocks=blocks, platform=platform)
 
     def loss(qs, ks, v, w):
         return jnp.sum(forward(qs, ks, v).astype(jnp.float32) * w)
@@ -117,37 +118,54 @@ def mosaic_gpu_forward(q, k, v, repeats) -> dict:
     return {"mosaic_gpu_fwd_ms": best[0], "mosaic_gpu_blocks": [64, best[1]]}
 
 
+def relative_max_error(ours, theirs):
+    ours, theirs = ours.astype(jnp.float32), theirs.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
+
+
 def attention_flops(batch, length, heads, dim_qk, dim_v, window):
     visible = length * (length + 1) / 2 if window is None else window * length - window * (window - 1) / 2
     return 2 * batch * heads * visible * (dim_qk + dim_v)
 
 
 def measure(case, repeats, peers=True):
+    """zoo's forward as impl="pallas" picks it (the Mosaic GPU forward where it applies, else Triton; or the
+    platform the case names), its forward+backward, and with `peers` the Triton forward beside a Mosaic one,
+    cuDNN, torch SDPA and (full causal) JAX's Mosaic GPU example kernel."""
     batch, length, heads, kv_heads = case["batch"], case["length"], case["heads"], case["kv_heads"]
     dims, dim_v, window = case["dims"], case["dim_v"], case["window"]
     scale = sum(dims) ** -0.5
     shared_rope = len(dims) == 2
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
-    forward, grad = zoo_fns(length, batch, window, scale, case.get("blocks"))
+    platform = case.get("platform") or ("mosaic_gpu" if hopper.available() and hopper.supports(qs, ks, v) is None
+                                        else "gpu")
+    blocks = case.get("blocks") or (hopper if platform == "mosaic_gpu" else gpu).default_blocks(window)
+    forward, grad = zoo_fns(length, batch, window, scale, blocks, platform)
     flops = attention_flops(batch, length, heads, sum(dims), dim_v, window)
-    blocks = case.get("blocks") or gpu.default_blocks(window)
-    record = {**{k: v_ for k, v_ in case.items() if k != "blocks"}, "dtype": "bfloat16", "blocks": list(blocks),
-              "warps": [gpu.forward_warps(*blocks[:2]), gpu.BACKWARD_WARPS], "stages": gpu.STAGES}
+    record = {**{k: v_ for k, v_ in case.items() if k not in ("blocks", "platform")}, "dtype": "bfloat16",
+              "forward_kernel": platform, "blocks": list(blocks)}
+    if platform == "mosaic_gpu":
+        record["mosaic_stages"] = hopper.STAGES
+    else:
+        record["warps"] = [gpu.forward_warps(*blocks[:2]), gpu.BACKWARD_WARPS]
+        record["stages"] = gpu.STAGES
     record["zoo_fwd_ms"] = 1e3 * time_jax(forward, qs, ks, v, repeats=repeats)
-    record["zoo_fwdbwd_ms"] = 1e3 * time_jax(grad, qs, ks, v, w, repeats=repeats)
     record["zoo_fwd_TFLOPs"] = flops / record["zoo_fwd_ms"] / 1e9
     if not peers:
         return record
+    record["zoo_fwdbwd_ms"] = 1e3 * time_jax(grad, qs, ks, v, w, repeats=repeats)
+    if platform == "mosaic_gpu":
+        triton_forward, _ = zoo_fns(length, batch, window, scale, gpu.default_blocks(window), "gpu")
+        record["zoo_triton_fwd_ms"] = 1e3 * time_jax(triton_forward, qs, ks, v, repeats=repeats)
+        record["err_mosaic_vs_triton"] = relative_max_error(forward(qs, ks, v), triton_forward(qs, ks, v))
     # The peers see one head dimension: the RoPE key broadcast to every head, the parts concatenated.
     q = jnp.concatenate(qs, axis=-1)
     k = jnp.concatenate([jnp.broadcast_to(x, (*x.shape[:2], kv_heads, x.shape[-1])) for x in ks], axis=-1)
-    ours = forward(qs, ks, v).astype(jnp.float32)
     try:
         c_forward, c_grad = cudnn_fns(window, scale)
         record["cudnn_fwd_ms"] = 1e3 * time_jax(c_forward, q, k, v, repeats=repeats)
         record["cudnn_fwdbwd_ms"] = 1e3 * time_jax(c_grad, q, k, v, w, repeats=repeats)
-        theirs = c_forward(q, k, v).astype(jnp.float32)
-        record["err_vs_cudnn"] = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
+        record["err_vs_cudnn"] = relative_max_error(forward(qs, ks, v), c_forward(q, k, v))
     except Exception as error:  # noqa: BLE001 - a shape cuDNN refuses is reported, not fatal
         record["cudnn_error"] = f"{type(error).__name__}: {str(error)[:300]}"
     if window is None and not shared_rope:
@@ -169,17 +187,21 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep without the peer comparison")
     parser.add_argument("--full-causal-only", action="store_true", help="only the first case (MHA, full causal)")
+    parser.add_argument("--mosaic-sweep", action="store_true", help="the Mosaic GPU forward's key blocks and stages")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
     length, batch = args.length, args.batch
     base = dict(batch=batch, length=length, heads=16, kv_heads=16, dims=(128,), dim_v=128, window=None)
-    records = []
+    if args.out:
+        open(args.out, "w").close()
 
-    def emit(record):
+    def emit(record):  # written as measured: a call cut short keeps what it had
         record["device"] = device
-        records.append(record)
         print(json.dumps(record), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     if args.sweep or args.sweep_only:
         defaults = gpu.WARPS, gpu.BACKWARD_WARPS, gpu.STAGES
@@ -191,11 +213,21 @@ def main():
             gpu.WARPS = gpu.BACKWARD_WARPS = warps
             gpu.STAGES = stages
             try:
-                emit(measure({**base, "blocks": blocks}, args.repeats, peers=False))
+                emit(measure({**base, "blocks": blocks, "platform": "gpu"}, args.repeats, peers=False))
             except Exception as error:  # noqa: BLE001 - a tile Triton cannot compile is reported
                 print(f"warps {warps} stages {stages} blocks {blocks}: {type(error).__name__}: {str(error)[:200]}",
                       flush=True)
         gpu.WARPS, gpu.BACKWARD_WARPS, gpu.STAGES = defaults
+    if args.mosaic_sweep:
+        default_stages = hopper.STAGES
+        for window, block_k, stages in itertools.product((None, length // 8), (64, 128), (2, 3)):
+            hopper.STAGES = stages
+            case = {**base, "window": window, "platform": "mosaic_gpu", "blocks": (hopper.PROGRAM_ROWS, block_k, 64, 64)}
+            try:
+                emit(measure(case, args.repeats, peers=False))
+            except Exception as error:  # noqa: BLE001 - a tile that does not fit is reported
+                print(f"mosaic block_k {block_k} stages {stages}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        hopper.STAGES = default_stages
     if args.sweep_only:
         cases = []
     else:
@@ -204,9 +236,6 @@ def main():
         cases = cases[:1] if args.full_causal_only else cases
     for case in cases:
         emit(measure(case, args.repeats))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from inputs import impl_for
 from reference import TOLERANCE, relative_error
 from zoo.pallas_kernels.decode_attention import decode_attention
 from zoo.pallas_kernels.decode_attention.reference import decode_attention_reference
-from zoo.pallas_kernels.flash_attention import flash_attention
+from zoo.pallas_kernels.flash_attention import flash_attention, hopper
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.mla_decode import latent_decode, mla_decode
 from zoo.pallas_kernels.splits import default_splits
@@ -99,9 +99,12 @@ def packed_positions(rng, batch, length):
     return jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
 
 
-def flash_inputs(rng, layout, dtype, lengths=(37, 71)):
+SMALL_WIDTHS = ((24, 32), (16, 20), 8)  # (query / key widths, value widths, RoPE width): some need padding
+
+
+def flash_inputs(rng, layout, dtype, lengths=(37, 71), widths=SMALL_WIDTHS):
     batch, heads, kv_heads = 2, 4, int(rng.choice([1, 2]))
-    length, dim, dim_v = int(rng.integers(*lengths)), int(rng.choice([24, 32])), int(rng.choice([16, 20]))
+    length, dim, dim_v = int(rng.integers(*lengths)), int(rng.choice(widths[0])), int(rng.choice(widths[1]))
     window, sink_tokens, sink_logits, mla = LAYOUTS[layout]
 
     def normal(*shape):
@@ -109,28 +112,37 @@ def flash_inputs(rng, layout, dtype, lengths=(37, 71)):
 
     qs, ks = [normal(batch, length, heads, dim)], [normal(batch, length, kv_heads, dim)]
     if mla:
-        qs.append(normal(batch, length, heads, 8))
-        ks.append(normal(batch, length, 1, 8))
+        qs.append(normal(batch, length, heads, widths[2]))
+        ks.append(normal(batch, length, 1, widths[2]))
     inputs = dict(q=tuple(qs), k=tuple(ks), v=normal(batch, length, kv_heads, dim_v),
                   sink_logits=normal(heads).astype(jnp.float32) if sink_logits else None)
     options = dict(scale=float(rng.uniform(0.1, 0.4)), window=window, sink_tokens=sink_tokens)
     return inputs, options, packed_positions(rng, batch, length)
 
 
-# Per platform: tiles and random lengths giving several query and key blocks (Mosaic's key blocks are
-# multiples of 128 lanes, so the TPU kernel's test runs longer rows).
-FLASH_TILES = {"gpu": (FLASH_BLOCKS, (37, 71)), "tpu": ((32, 128, 64, 128), (140, 250))}
+# Per platform: tiles, random lengths giving several query and key blocks, feature widths. TPU key blocks
+# are multiples of 128 lanes, so that test runs longer rows; the Mosaic GPU forward (Hopper) takes 2 x 64
+# query rows per program, 16-bit inputs and widths that are multiples of 64 (its backward is Triton's).
+FLASH_TILES = {"gpu": (FLASH_BLOCKS, (37, 71), SMALL_WIDTHS), "tpu": ((32, 128, 64, 128), (140, 250), SMALL_WIDTHS),
+               "mosaic_gpu": ((128, 64, 16, 32), (140, 250), ((64,), (64,), 64))}
+FLASH_CASES = [(platform, dtype) for platform in FLASH_TILES for dtype in ("float32", "bfloat16")
+               if platform != "mosaic_gpu" or dtype == "bfloat16"]
+
+
+def flash_impl(platform):
+    if platform == "mosaic_gpu":
+        return "pallas" if hopper.available() else "interpret"
+    return impl_for(platform)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("platform, dtype", FLASH_CASES)
 def test_flash_attention_matches_reference(rng, platform, layout, dtype):
     """Forward and the gradients of every differentiable input (q and k parts, v, sink logits) against the
     dense masked softmax of zoo.layers.attention, on random lengths that are not multiples of the blocks,
     packed documents, padding, grouped heads, windows crossing blocks."""
-    blocks, lengths = FLASH_TILES[platform]
-    inputs, options, (positions, segments) = flash_inputs(rng, layout, dtype, lengths)
+    blocks, lengths, widths = FLASH_TILES[platform]
+    inputs, options, (positions, segments) = flash_inputs(rng, layout, dtype, lengths, widths)
     names = [name for name in inputs if inputs[name] is not None]
     weights = jnp.asarray(rng.normal(size=(*inputs["q"][0].shape[:3], inputs["v"].shape[-1])), jnp.float32)
     real_rows = (positions >= 0)[:, :, None, None]  # padding rows: the kernel gives 0, the dense softmax a mean
@@ -144,7 +156,7 @@ def test_flash_attention_matches_reference(rng, platform, layout, dtype):
 
     def kernel(q, k, v, sink_logits):
         return flash_attention(q, k, v, positions, segments, positions, segments, sink_logits=sink_logits,
-                               impl=impl_for(platform), platform=platform, blocks=blocks, **options)
+                               impl=flash_impl(platform), platform=platform, blocks=blocks, **options)
 
     def dense(q, k, v, sink_logits):
         return flash_attention_reference(q, k, v, positions, segments, positions, segments, sink_logits=sink_logits,

@@ -7,8 +7,9 @@ q and k are one array each or matching tuples of parts (MLA: no-RoPE and RoPE fe
 shared by all heads); every part's and v's head count divides the query heads (GQA). sink_logits [H]:
 gpt-oss-style learned sinks, a zero-valued entry in each row's softmax.
 
-GPUs: gpu.py (Triton); TPUs: tpu.py (Mosaic); elsewhere impl="auto" runs the XLA reference. Under a mesh
-the kernels run per shard (dispatch.per_shard).
+GPUs: hopper.py (Mosaic GPU: wgmma, TMA, warp specialisation) runs the forward on sm90 GPUs where it
+applies (hopper.supports), gpu.py (Triton) every other forward and every backward; TPUs: tpu.py (Mosaic);
+elsewhere impl="auto" runs the XLA reference. Under a mesh the kernels run per shard (dispatch.per_shard).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.pallas_kernels import dispatch
-from zoo.pallas_kernels.flash_attention import gpu, tpu
+from zoo.pallas_kernels.flash_attention import gpu, hopper, tpu
 from zoo.pallas_kernels.flash_attention.masking import all_see, may_see
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.tiles import pad_axis, triton_width
@@ -35,7 +36,7 @@ class _Static(NamedTuple):
     sink_tokens: int
     has_sink: bool
     blocks: tuple[int, int, int, int]  # forward (q, k), backward (q, k)
-    platform: str  # "gpu" (Triton) or "tpu" (Mosaic)
+    platform: str  # "gpu" (Triton), "mosaic_gpu" (Triton backward) or "tpu" (Mosaic)
     interpret: bool
 
 
@@ -44,20 +45,30 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
                     platform: str | None = None, blocks: tuple[int, int, int, int] | None = None):
     """q [B, T, H, D] (or a tuple of parts), k [B, S, KV, D] (or matching parts [B, S, KV_i, D_i]),
     v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
-    [B, T, H, Dv] in v's dtype. blocks: (forward q, forward k, backward q, backward k) tile lengths: on GPUs
-    powers of two >= 16 (default: gpu.default_blocks, tuned per layout), on TPUs query blocks multiples of
-    8 and key blocks of 128 (default: tpu.BLOCKS)."""
+    [B, T, H, Dv] in v's dtype. platform: None (the one JAX runs on; on a GPU the Mosaic GPU forward where
+    it applies, else Triton), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward; an error where it does not
+    apply) or "tpu". blocks: (forward q, forward k, backward q, backward k) tile lengths: with Triton powers
+    of two >= 16 (default: gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block
+    is hopper.PROGRAM_ROWS and its key blocks multiples of 64 (default: hopper.default_blocks), on TPUs query
+    blocks multiples of 8 and key blocks of 128 (default: tpu.BLOCKS)."""
     qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
     _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
     if window is not None and window <= 0:
         raise ValueError(f"window must be a positive length or None, got {window}")
-    backend = dispatch.resolve(impl, platform)
+    backend = dispatch.resolve(impl, "gpu" if platform == "mosaic_gpu" else platform)
     if backend.kind == "xla":
         return flash_attention_reference(qs, ks, v, q_positions, q_segments, k_positions, k_segments, scale=scale,
                                          window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
-    if backend.kind == "gpu":
+    kind = _gpu_kind(backend, platform, qs, ks, v, blocks) if backend.kind == "gpu" else backend.kind
+    if kind == "mosaic_gpu":
+        blocks = blocks or hopper.default_blocks(window)
+        if blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64:
+            raise ValueError(f"the Mosaic GPU forward takes query blocks of {hopper.PROGRAM_ROWS} and key blocks that "
+                             f"are multiples of 64, got {blocks}")
+    if kind in ("gpu", "mosaic_gpu"):
         blocks = blocks or gpu.default_blocks(window)
-        if any(b < 16 or b & (b - 1) for b in blocks):
+        backward_blocks = blocks[2:] if kind == "mosaic_gpu" else blocks
+        if any(b < 16 or b & (b - 1) for b in backward_blocks):
             raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
     else:
         blocks = blocks or tpu.BLOCKS
@@ -67,7 +78,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     heads = qs[0].shape[2]
     has_sink = sink_logits is not None
     sinks = (sink_logits if has_sink else jnp.zeros((heads,))).astype(jnp.float32)
-    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), backend.kind, backend.interpret)
+    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), kind, backend.interpret)
     ints = [x.astype(jnp.int32) for x in (q_positions, q_segments, k_positions, k_segments)]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -83,6 +94,24 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     shard = dispatch.per_shard(attend, mesh, qs[0].shape, ("b.h.",) * (2 * parts) + ("b.h.", "h", "b.", "b.", "b.", "b."),
                                ("b.h.",))
     return shard(*qs, *ks, v, sinks, *ints)[0]
+
+
+def _gpu_kind(backend, platform, qs, ks, v, blocks) -> str:
+    """"mosaic_gpu" where the Mosaic GPU forward runs these inputs, else "gpu" (Triton)."""
+    if platform == "gpu":
+        return "gpu"
+    block_k = blocks[1] if blocks else hopper.BLOCK_K
+    refusal = hopper.supports(qs, ks, v, block_k)
+    if platform == "mosaic_gpu":
+        if refusal:
+            raise ValueError(f"the Mosaic GPU flash attention forward does not run these inputs: {refusal}")
+        if not (backend.interpret or hopper.available()):
+            raise ValueError("the Mosaic GPU flash attention forward needs an sm90 (Hopper) GPU; platform='gpu' runs "
+                             "the Triton kernels")
+        return "mosaic_gpu"
+    triton_blocks = blocks is not None and (blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64)
+    usable = not backend.interpret and refusal is None and not triton_blocks and hopper.available()
+    return "mosaic_gpu" if usable else "gpu"
 
 
 def _check_shapes(qs, ks, v, q_pos, q_seg, k_pos, k_seg, sink_logits):
@@ -182,20 +211,28 @@ def _attention_forward(static, qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg):
     if static.platform == "gpu":
         o, lse = gpu.forward(pqs, pks, pv, sinks, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, has_sink=static.has_sink,
                              **tiles)
+    elif static.platform == "mosaic_gpu":
+        del tiles["block_q"]  # hopper.PROGRAM_ROWS
+        o, lse = hopper.forward(pqs, pks, pv, sinks, jnp.stack([pq_pos, pq_seg], axis=1),
+                                jnp.stack([pk_pos, pk_seg], axis=1), q_walk, has_sink=static.has_sink, **tiles)
     else:
         o, lse = tpu.forward(*_heads_major(pqs, pks, pv), sinks, *_columns_and_rows(pq_pos, pq_seg, pk_pos, pk_seg),
                              q_walk, has_sink=static.has_sink, **tiles)
         o, lse = _heads_minor(o), lse[..., 0]
-    return o[:, :length, :, :dv], (qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse)
+    o = o[..., :dv]  # the backward's delta needs the padded length only
+    return o[:, :length], (qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse)
 
 
 def _attention_backward(static, residuals, do):
     qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse = residuals
     batch, length, heads, _ = qs[0].shape
     slots = v.shape[1]
+    if static.platform == "mosaic_gpu":  # its backward is Triton's
+        static = static._replace(platform="gpu")
     pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
-    do = pad_axis(pad_axis(do.astype(pv.dtype), 1, o.shape[1]), 3, o.shape[-1])
+    do = pad_axis(do.astype(pv.dtype), 1, o.shape[1])
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+    do = pad_axis(do, 3, pv.shape[-1])
     q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
     tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))
     if static.platform == "gpu":

@@ -1,0 +1,277 @@
+"""Flash attention forward on Hopper GPUs (Pallas Mosaic GPU): FlashAttention-3's warp-specialised
+schedule over ops.py's block lists.
+
+Each program owns 2 x 64 query rows of one head: two compute warpgroups (64 rows each, the M of one wgmma)
+and a memory warpgroup that streams the key / value blocks of the query block's list into a ring of
+shared-memory stages with TMA. The compute warpgroups take turns on the tensor cores (a shared schedule
+barrier): while one computes its scores, the other runs its softmax. Scores are a sum of parts, one
+wgmma per (q_i, k_i) pair into the same accumulator, so MLA's shared RoPE key is never broadcast.
+
+The list's first `interior` blocks are seen whole and walked without a mask; the rest are masked element by
+element with masking.visible from the slot positions and segment ids, which the memory warpgroup copies
+next to each key block. Learned sink logits start the online softmax (running max = sink, sum = 1), as in
+gpu.py, so the log-sum-exp the Triton backward reads includes them. Scores are kept in base 2 (exp2 with
+the scale and log2(e) folded into one multiply); the log-sum-exp is written in base e.
+
+This is the GPU forward where it applies (hopper.supports: an sm90 GPU, 16-bit inputs, widths that
+are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else and every backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from zoo.pallas_kernels.flash_attention import gpu
+from zoo.pallas_kernels.flash_attention.masking import visible
+from zoo.pallas_kernels.tiles import F32, MASKED
+
+BLOCK_Q = 64  # query rows per compute warpgroup: one wgmma's M
+COMPUTE_WARPGROUPS = 2
+PROGRAM_ROWS = BLOCK_Q * COMPUTE_WARPGROUPS  # query rows per program: ops.py's forward query block
+BLOCK_K = 128
+STAGES = 2  # key / value blocks in flight
+SHARED_MEMORY = 227 * 1024  # an sm90 block's dynamic shared memory
+_LOG2E = math.log2(math.e)
+_TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 128-byte rows of 16-bit elements
+ROWS, COLUMNS = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # per query row / per key slot
+
+
+def default_blocks(window):
+    """(forward q, forward k, backward q, backward k): this kernel's forward tiles, Triton's backward ones."""
+    del window  # one tile for every layout until a sweep says otherwise
+    return (PROGRAM_ROWS, BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)
+
+
+def available() -> bool:
+    """Whether JAX runs on an sm90 (Hopper) GPU: wgmma is sm90a-only."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
+
+
+def _shared_bytes(q_widths, dv, itemsize, block_k, stages):
+    q = PROGRAM_ROWS * sum(q_widths)
+    out = 0 if q_widths[0] == dv else PROGRAM_ROWS * dv  # o reuses the first query part's buffer when it fits
+    stage = block_k * (sum(q_widths) + dv)  # a key block's parts and its value block
+    meta = 4 * 2 * (PROGRAM_ROWS + stages * block_k) + 4 * PROGRAM_ROWS  # positions, segments; log-sum-exp
+    return itemsize * (q + out + stages * stage) + meta
+
+
+def supports(qs, ks, v, block_k: int = BLOCK_K) -> str | None:
+    """None when this kernel takes the inputs, else why not (gpu.py's Triton kernel runs them)."""
+    dtypes = {x.dtype for x in (*qs, *ks, v)}
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.bfloat16, jnp.float16):
+        return "wgmma takes bfloat16 / float16 inputs of one dtype"
+    widths = [q.shape[-1] for q in qs]
+    if any(w % 64 for w in (*widths, v.shape[-1])) or v.shape[-1] > 128:
+        return "feature widths must be multiples of 64 (128-byte swizzled rows) and the value width at most 128"
+    if block_k % 64:
+        return f"key blocks must be multiples of 64, got {block_k}"
+    needed = _shared_bytes(widths, v.shape[-1], v.dtype.itemsize, block_k, STAGES)
+    if needed > SHARED_MEMORY:
+        return f"needs {needed} bytes of shared memory, more than {SHARED_MEMORY}"
+    return None
+
+
+def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_tokens, has_sink, block_k, interpret):
+    """qs/ks: tuples of parts [B, T, H, D_i] / [B, S, KV_i, D_i]; v [B, S, KV, Dv]; sinks [H] float32; q_meta
+    [B, 2, T] / k_meta [B, 2, S] int32: positions and segment ids (T a multiple of PROGRAM_ROWS, S of block_k);
+    walk: ops.block_lists' (counts, interior counts, lists) per PROGRAM_ROWS query rows. Returns o [B, T, H,
+    Dv] (v's dtype) and the log-sum-exp [B, H, T] float32 (base e)."""
+    batch, length, heads, _ = qs[0].shape
+    dv, dtype, parts = v.shape[-1], v.dtype, len(qs)
+    counts, interiors, lists = walk
+    score_scale = scale * _LOG2E
+    kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
+    reuse_q_for_o = qs[0].shape[-1] == dv
+
+    def kernel(counts_ref, interiors_ref, lists_ref, sinks_ref, q_meta_ref, k_meta_ref, *refs):
+        q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
+        v_ref, o_ref, lse_ref = refs[2 * parts:]
+        head, tile, row = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
+        count, interior = counts_ref[row, tile], interiors_ref[row, tile]
+        head_of = [lax.div(head, jnp.int32(heads // n)) for n in kv_heads]
+
+        def scoped(q_smems, o_smem, k_smems, v_smem, q_meta_smem, k_meta_smem, lse_smem, p_smem, q_bar, k_bar, v_bar,
+                   k_free, v_free, schedule):
+            o_smem = q_smems[0] if reuse_q_for_o else o_smem
+            wg = lax.axis_index("wg")
+
+            def take_turn():  # the compute warpgroups alternate on the tensor cores
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(schedule)
+
+            @pl.when(wg < COMPUTE_WARPGROUPS)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                first = tile * PROGRAM_ROWS + wg * BLOCK_Q
+                rows = pl.ds(first, BLOCK_Q)
+                for q_ref, q_smem in zip(q_refs, q_smems):
+                    plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], q_smem.at[wg], q_bar.at[wg])
+                plgpu.copy_gmem_to_smem(q_meta_ref.at[row, :, rows], q_meta_smem.at[wg], q_bar.at[wg])
+                plgpu.barrier_wait(q_bar.at[wg])
+                q_pos = plgpu.load(q_meta_smem.at[wg, 0], layout=ROWS)
+                q_seg = plgpu.load(q_meta_smem.at[wg, 1], layout=ROWS)
+                # A sink logit is a zero-valued key seen by every row: it starts the running max, weight 1.
+                start_max = sinks_ref[head] * _LOG2E if has_sink else jnp.float32(MASKED)
+                running_max = plgpu.layout_cast(jnp.full((BLOCK_Q,), start_max, F32), ROWS)
+                total = plgpu.layout_cast(jnp.full((BLOCK_Q,), 1.0 if has_sink else 0.0, F32), ROWS)
+                acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dv), F32), plgpu.Layout.WGMMA)
+
+                @pl.when(count > 0)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[0])
+
+                pl.when(wg == 1)(take_turn)
+
+                def step(t, carry, masked):
+                    acc, running_max, total = carry
+                    slot = lax.rem(t, STAGES)
+
+                    def scores(acc_ref):
+                        for q_smem, k_smem in zip(q_smems, k_smems):
+                            plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
+                        take_turn()
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_k), F32))
+                    if masked:  # read the slots' positions before the stage is handed back
+                        k_pos = plgpu.load(k_meta_smem.at[slot, 0], layout=COLUMNS)
+                        k_seg = plgpu.load(k_meta_smem.at[slot, 1], layout=COLUMNS)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    if masked:
+                        shape = (BLOCK_Q, block_k)
+                        by_row = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
+                        by_column = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
+                        seen = visible(by_row(q_pos), by_row(q_seg), by_column(k_pos), by_column(k_seg), window=window,
+                                       sink_tokens=sink_tokens)
+                        s = jnp.where(seen, s, -jnp.inf)
+                    new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
+                    rescale = jnp.exp2(running_max - new_max)
+                    probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                    total = total * rescale + probs.sum(axis=1)
+                    probs = probs.astype(dtype)
+                    acc, total, new_max, probs = lax.optimization_barrier((acc, total, new_max, probs))
+                    plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may take the tensor cores
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(schedule)
+
+                    def then_wait_next():  # overlaps the next key block's wait with this matmul
+                        @pl.when(t + 1 < count)
+                        def _():
+                            plgpu.barrier_wait(k_bar.at[lax.rem(t + 1, STAGES)])
+
+                    acc = _accumulate(acc, probs, v_smem.at[slot], p_smem, wg, then_wait_next)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, new_max, total
+
+                carry = (acc, running_max, total)
+                carry = lax.fori_loop(0, interior, functools.partial(step, masked=False), carry)
+                acc, running_max, total = lax.fori_loop(interior, count, functools.partial(step, masked=True), carry)
+                pl.when(wg == 0)(take_turn)
+
+                empty = total == 0.0  # nothing visible (a padding row): output 0
+                safe_total = jnp.where(empty, 1.0, total)
+                o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(safe_total, acc.shape, [0])).astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(empty, MASKED, (running_max + jnp.log2(safe_total)) / _LOG2E)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[row, rows, head])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[row, head, rows])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == COMPUTE_WARPGROUPS)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def fetch_keys(block, slot):
+                    slots = pl.ds(block * block_k, block_k)
+                    for k_ref, k_smem, kv_head in zip(k_refs, k_smems, head_of):
+                        plgpu.copy_gmem_to_smem(k_ref.at[row, slots, kv_head], k_smem.at[slot], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(k_meta_ref.at[row, :, slots], k_meta_smem.at[slot], k_bar.at[slot])
+
+                def fetch_values(block, slot):
+                    slots = pl.ds(block * block_k, block_k)
+                    plgpu.copy_gmem_to_smem(v_ref.at[row, slots, head_of[-1]], v_smem.at[slot], v_bar.at[slot])
+
+                for t in range(STAGES):
+                    @pl.when(t < count)
+                    def _():
+                        block = lists_ref[row, tile, t]
+                        fetch_keys(block, t)
+                        fetch_values(block, t)
+
+                @pl.loop(0, count - STAGES)
+                def _(t):
+                    slot = lax.rem(t, STAGES)
+                    block = lists_ref[row, tile, t + STAGES]  # read before the wait: the load's latency overlaps it
+                    plgpu.barrier_wait(k_free.at[slot])
+                    fetch_keys(block, slot)
+                    plgpu.barrier_wait(v_free.at[slot])
+                    fetch_values(block, slot)
+
+                for t in range(STAGES):  # the last stages' releases: every barrier phase is waited for once
+                    @pl.when(count - STAGES + t >= 0)
+                    def _():
+                        slot = lax.rem(count - STAGES + t, STAGES)
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+
+        per_program = lambda width: plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_Q, width), dtype, transforms=_TILE)  # noqa: E731
+        per_stage = lambda width: plgpu.SMEM((STAGES, block_k, width), dtype, transforms=_TILE)  # noqa: E731
+        pl.run_scoped(
+            scoped,
+            [per_program(q.shape[-1]) for q in qs],
+            None if reuse_q_for_o else per_program(dv),
+            [per_stage(k.shape[-1]) for k in ks],
+            per_stage(dv),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, 2, BLOCK_Q), jnp.int32),
+            plgpu.SMEM((STAGES, 2, block_k), jnp.int32),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_Q), F32),
+            per_program(block_k) if interpret else None,
+            plgpu.Barrier(num_arrivals=parts + 1, num_barriers=COMPUTE_WARPGROUPS),
+            plgpu.Barrier(num_arrivals=parts + 1, num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+            collective_axes="wg",
+        )
+
+    run = plgpu.kernel(
+        kernel,
+        out_type=[jax.ShapeDtypeStruct((batch, length, heads, dv), dtype), jax.ShapeDtypeStruct((batch, heads, length), F32)],
+        grid=(heads, length // PROGRAM_ROWS, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=COMPUTE_WARPGROUPS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    return run(counts, interiors, lists, sinks, q_meta, k_meta, *qs, *ks, v)
+
+
+def _accumulate(acc, probs, v_block, p_smem, wg, during):
+    """acc + probs @ v_block on the tensor cores, probs straight from registers; `during` runs while the
+    matmul is in flight. GPU interpret mode (jax 0.11.2) has neither register operands nor run_state, so
+    there probs go through shared memory into a fresh accumulator: the same sum."""
+    if p_smem is None:
+        def accumulate(acc_ref):
+            plgpu.wgmma(acc_ref, probs, v_block)
+            during()
+        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+    p_smem.at[wg][...] = probs
+    plgpu.commit_smem()
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem.at[wg], v_block)
+        during()
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, F32))
