@@ -33,7 +33,8 @@ from scan_kernels import ceilings, time_jax  # noqa: E402
 from zoo.layers.mla import latent_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import decode_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import gpu as decode_gpu  # noqa: E402
-from zoo.pallas_kernels.mla_decode import gpu, mla_decode  # noqa: E402
+from zoo.pallas_kernels import mosaic_gpu  # noqa: E402
+from zoo.pallas_kernels.mla_decode import gpu, hopper, mla_decode  # noqa: E402
 
 HEADS, RANK, ROPE = 128, 512, 64  # HEADS: --heads
 GQA_HEADS, GQA_KV_HEADS, GQA_DIM = 32, 8, 128
@@ -170,6 +171,14 @@ def main():
         xla_seconds = time_jax(xla, *inputs_, repeats=args.repeats)
         got, want = ours(*inputs_), xla(*inputs_).astype(jnp.float32)
         q_lat, q_pe, c, k_pe, lengths = inputs_
+        record["kernel"] = "mosaic_gpu" if mosaic_gpu.available() and hopper.supports(
+            HEADS, RANK, ROPE, 64, jnp.bfloat16) is None else "triton"
+        if record["kernel"] == "mosaic_gpu":  # the Triton kernel on the same inputs
+            triton = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl="pallas", platform="gpu"))
+            triton_seconds = time_jax(triton, *inputs_, repeats=args.repeats)
+            record.update(zoo_triton_ms=1e3 * triton_seconds,
+                          zoo_triton_GBps=traffic_bytes(batch, context) / triton_seconds / 1e9,
+                          err_triton_vs_xla=float(jnp.max(jnp.abs(triton(*inputs_) - want)) / jnp.max(jnp.abs(want))))
         c_pool, pe_pool, table = paged(c, k_pe, 64)
         paged_decode = jax.jit(lambda *a: mla_decode(*a[:5], scale=scale, block_table=a[5], impl="pallas"))
         paged_seconds = time_jax(paged_decode, q_lat, q_pe, c_pool, pe_pool, lengths, table, repeats=args.repeats)

@@ -2,7 +2,8 @@
 (jax.nn.dot_product_attention, implementation="cudnn") and torch SDPA, forward and forward+backward.
 
     python bench/flash_attention.py --out results.jsonl            # GQA/MHA causal, full and windowed; MLA prefill
-    python bench/flash_attention.py --sweep                        # tiles and warps at one shape
+    python bench/flash_attention.py --sweep                        # Triton tiles and warps at one shape
+    python bench/flash_attention.py --sweep-only --mosaic-sweep    # and the Mosaic GPU forward's key blocks, stages
 
 Shapes: B 8, T 4096, 16 heads, head dim 128, bf16, causal; windows: none (full causal) and T/8. cuDNN takes the
 window as local_window_size=(window - 1, 0). torch SDPA runs its flash backend for full causal (is_causal) and,
@@ -10,7 +11,8 @@ for a window, a boolean mask (SDPA has no window argument; the mask sends it to 
 backend). MLA prefill: q/k 128 no-RoPE + 64 RoPE features (one shared RoPE key), v 128, against cuDNN and SDPA
 on the same scores with the RoPE key broadcast to every head and q/k concatenated to 192. Timing: two untimed
 calls, then the median of `--repeats` groups of 10 calls. Forward+backward = gradients of sum(o * w).
-For full causal attention, JAX's own Mosaic GPU (Hopper wgmma, FA3-style) example kernel
+zoo's forward is the one impl="pallas" picks: on an sm90 GPU the Mosaic GPU kernel (hopper.py), whose
+records also time the Triton forward on the same inputs (zoo_triton_fwd_ms). For full causal attention, JAX's own Mosaic GPU (Hopper wgmma, FA3-style) example kernel
 (jax.experimental.pallas.ops.gpu.attention_mgpu, causal only: no window, no segments; float16 only) is timed
 too, the best of its 64 x {64, 128} tiles: what Pallas reaches on this GPU without Triton.
 """
@@ -29,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scan_kernels import time_jax, time_torch  # noqa: E402
+from zoo.pallas_kernels import mosaic_gpu  # noqa: E402
 from zoo.pallas_kernels.flash_attention import flash_attention, gpu, hopper  # noqa: E402
 
 
@@ -137,7 +140,7 @@ def measure(case, repeats, peers=True):
     scale = sum(dims) ** -0.5
     shared_rope = len(dims) == 2
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
-    platform = case.get("platform") or ("mosaic_gpu" if hopper.available() and hopper.supports(qs, ks, v) is None
+    platform = case.get("platform") or ("mosaic_gpu" if mosaic_gpu.available() and hopper.supports(qs, ks, v) is None
                                         else "gpu")
     blocks = case.get("blocks") or (hopper if platform == "mosaic_gpu" else gpu).default_blocks(window)
     forward, grad = zoo_fns(length, batch, window, scale, blocks, platform)

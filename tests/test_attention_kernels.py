@@ -14,9 +14,10 @@ from inputs import impl_for
 from reference import TOLERANCE, relative_error
 from zoo.pallas_kernels.decode_attention import decode_attention
 from zoo.pallas_kernels.decode_attention.reference import decode_attention_reference
+from zoo.pallas_kernels import mosaic_gpu
 from zoo.pallas_kernels.flash_attention import flash_attention, hopper
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
-from zoo.pallas_kernels.mla_decode import latent_decode, mla_decode
+from zoo.pallas_kernels.mla_decode import hopper as mla_hopper, latent_decode, mla_decode
 from zoo.pallas_kernels.splits import default_splits
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 
@@ -131,7 +132,7 @@ FLASH_CASES = [(platform, dtype) for platform in FLASH_TILES for dtype in ("floa
 
 def flash_impl(platform):
     if platform == "mosaic_gpu":
-        return "pallas" if hopper.available() else "interpret"
+        return "pallas" if mosaic_gpu.available() else "interpret"
     return impl_for(platform)
 
 
@@ -179,7 +180,8 @@ def test_flash_block_lists_cover_every_visible_pair_and_skip_the_rest(rng, windo
     """The key blocks each query block visits (and the transposed lists) include every block pair with a
     visible element, and the ones walked without a mask (listed first) have every pair visible, checked
     element by element with tests/reference.visible; with one document per row both are exact (nothing
-    computed in vain, no whole block masked)."""
+    computed in vain, no whole block masked). The ones listed next (masked by position alone) are exactly
+    the other visited pairs whose tokens are all real and of one document."""
     from reference import visible
 
     from zoo.pallas_kernels.flash_attention.ops import _Static, block_lists
@@ -190,16 +192,17 @@ def test_flash_block_lists_cover_every_visible_pair_and_skip_the_rest(rng, windo
     q_walk, k_walk = block_lists(static, positions, segments, positions, segments, block, block)
     blocks = length // block
 
-    def listed(walk, b):  # [own block, other block] -> visited / visited unmasked, and the order
-        counts, interiors, lists = (np.asarray(x[b]) for x in walk)
-        visits, whole = np.zeros((blocks, blocks), bool), np.zeros((blocks, blocks), bool)
+    def listed(walk, b):  # [own block, other block] -> visited / unmasked / one document, and the order
+        counts, interiors, documents, lists = (np.asarray(x[b]) for x in walk)
+        visits, whole, document = (np.zeros((blocks, blocks), bool) for _ in range(3))
         for i in range(blocks):
             entries = list(lists[i, :counts[i]])
             visits[i, entries] = True
             whole[i, entries[:interiors[i]]] = True
-            assert entries[:interiors[i]] == sorted(entries[:interiors[i]])
-            assert entries[interiors[i]:] == sorted(entries[interiors[i]:])
-        return visits, whole
+            document[i, entries[:documents[i]]] = True
+            for group in (entries[:interiors[i]], entries[interiors[i]:documents[i]], entries[documents[i]:]):
+                assert group == sorted(group)
+        return visits, whole, document
 
     for b in range(2):
         pos, seg = np.asarray(positions[b]), np.asarray(segments[b])
@@ -207,10 +210,13 @@ def test_flash_block_lists_cover_every_visible_pair_and_skip_the_rest(rng, windo
                           for t in range(length)])
         pairs = pairs.reshape(blocks, block, blocks, block)
         needed, full = pairs.any(axis=(1, 3)), pairs.all(axis=(1, 3))
-        visits, whole = listed(q_walk, b)
-        transposed, transposed_whole = (x.T for x in listed(k_walk, b))
-        assert (visits == transposed).all() and (whole == transposed_whole).all()
+        real, first = (pos >= 0).reshape(blocks, block), seg.reshape(blocks, block)[:, 0]
+        one_document = (real.all(1) & (seg.reshape(blocks, block) == first[:, None]).all(1))
+        one_document = one_document[:, None] & one_document[None, :] & (first[:, None] == first[None, :])
+        visits, whole, document = listed(q_walk, b)
+        assert all((x == y.T).all() for x, y in zip((visits, whole, document), listed(k_walk, b)))
         assert (visits >= needed).all() and (whole <= full).all()
+        assert (document == visits & one_document).all()
         if b == 1:  # one document (then padding): block ranges are exact
             assert (visits == needed).all() and (whole == full).all()
     if window is not None and sink_tokens == 0:  # a band: at most ceil(window / block) + 1 key blocks
@@ -492,3 +498,50 @@ def test_flash_attention_under_a_mesh_runs_per_shard_and_matches(rng):
         sharded = run(inputs)
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
         assert relative_error(got, want) < TOLERANCE["float32"]
+
+
+def test_mosaic_gpu_flash_forward_sends_o_through_the_query_buffer_when_memory_is_short(rng, monkeypatch):
+    """Where a separate output buffer does not fit in shared memory (MLA's 192-wide queries at the default
+    tiles), o goes out through the first query part's buffer, which is handed back only after the store."""
+    blocks, lengths, widths = FLASH_TILES["mosaic_gpu"]
+    inputs, options, (positions, segments) = flash_inputs(rng, "mla_parts", "bfloat16", lengths, widths)
+    q_widths = [q.shape[-1] for q in inputs["q"]]
+    tight = hopper._shared_bytes(q_widths, inputs["v"].shape[-1], 2, blocks[1], hopper.STAGES, own_o=False)
+    monkeypatch.setattr(hopper, "SHARED_MEMORY", tight)
+    args = (inputs["q"], inputs["k"], inputs["v"], positions, segments, positions, segments)
+    out = flash_attention(*args, sink_logits=inputs["sink_logits"], impl=flash_impl("mosaic_gpu"), platform="mosaic_gpu",
+                          blocks=blocks, **options)
+    expected = flash_attention_reference(*jax.tree.map(lambda a: a.astype(jnp.float32), args[:3]), *args[3:],
+                                         sink_logits=inputs["sink_logits"], **options)
+    real_rows = (positions >= 0)[:, :, None, None]
+    assert relative_error(jnp.where(real_rows, out.astype(jnp.float32), 0.0), jnp.where(real_rows, expected, 0.0)) \
+        < TOLERANCE["bfloat16"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_mosaic_gpu_mla_decode_matches_reference(rng, layout):
+    """The Mosaic GPU (Hopper) MLA decode kernel: 64 heads a program with the latent output split over two
+    warpgroups, ragged lengths (one slot, a length ending inside a page, the whole cache), 3 splits (some
+    empty for short rows), a contiguous cache and the same cache as a shuffled page pool."""
+    batch, heads, rank, rope, page = 3, 64, 128, 64, mla_hopper.PAGE
+    slots = 4 * page
+    lengths = jnp.asarray([1, int(rng.integers(page + 1, 3 * page)), slots], jnp.int32)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(jnp.bfloat16)
+
+    q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
+        normal(batch, slots, rope)
+    impl = "pallas" if mosaic_gpu.available() else "interpret"
+    run = functools.partial(mla_decode, scale=0.1, impl=impl, platform="mosaic_gpu", splits=3)
+    if layout == "paged":
+        where = rng.permutation(batch * slots // page)
+        pool = lambda x: jnp.zeros((len(where), page, x.shape[-1]), x.dtype).at[where].set(  # noqa: E731
+            x.reshape(len(where), page, -1))
+        out = run(q_lat, q_pe, pool(c), pool(k_pe), lengths, block_table=jnp.asarray(where.reshape(batch, -1), jnp.int32))
+    else:
+        out = run(q_lat, q_pe, c, k_pe, lengths)
+    upcast = [x.astype(jnp.float32) for x in (q_lat, q_pe, c, k_pe)]
+    expected = mla_decode_reference(*upcast, lengths, scale=0.1)
+    assert out.shape == (batch, heads, rank) and out.dtype == jnp.float32
+    assert relative_error(out, expected) < TOLERANCE["bfloat16"]

@@ -1,4 +1,5 @@
 """Flash attention on GPUs (Pallas Triton): forward, and the backward as a dq kernel and a dk/dv kernel.
+(On sm90 GPUs hopper.py runs the forward for 16-bit inputs with widths that are multiples of 64.)
 
 Scores are a sum of "parts": q_i k_i^T over pairs (q_i [B, T, H, D_i], k_i [B, S, KV_i, D_i]), so MLA's
 prefill scores its 128 no-RoPE features against per-head keys and its 64 RoPE features against one
@@ -159,13 +160,12 @@ def _head_of(heads, kv_heads):
 def forward(qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, walk, *, scale, window, sink_tokens, has_sink,
             block_q, block_k, interpret):
     """qs/ks: tuples of parts [B, T, H, D_i] / [B, S, KV_i, D_i]; v [B, S, KV, Dv]; sinks [H] float32;
-    positions / segments int32 [B, T] / [B, S] (T, S multiples of the blocks); walk: ops.block_lists'
-    (counts [B, T/block_q], interior counts [B, T/block_q], lists [B, T/block_q, L]), the key blocks each
-    query block visits, the ones it sees whole first. Returns o [B, T, H, Dv] (v's dtype) and
+    positions / segments int32 [B, T] / [B, S] (T, S multiples of the blocks); walk: ops.Walk per
+    query block (the key blocks it visits, the ones it sees whole first; the others are all masked here). Returns o [B, T, H, Dv] (v's dtype) and
     the log-sum-exp [B, H, T] float32."""
     batch, length, heads, _ = qs[0].shape
     slots, dv = v.shape[1], v.shape[-1]
-    counts, interiors, lists = walk
+    counts, interiors, lists = walk.counts, walk.interiors, walk.lists
     q_block = lambda width: pl.BlockSpec((None, block_q, None, width), lambda h, i, b: (b, i, h, 0))  # noqa: E731
 
     def k_row(x):
@@ -199,7 +199,8 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_walk, k_wa
     batch, length, heads, _ = qs[0].shape
     slots, dv_width = v.shape[1], v.shape[-1]
     common = dict(parts=len(qs), scale=scale, window=window, sink_tokens=sink_tokens)
-    (q_counts, q_interiors, q_lists), (k_counts, k_interiors, k_lists) = q_walk, k_walk
+    q_counts, q_interiors, q_lists = q_walk.counts, q_walk.interiors, q_walk.lists
+    k_counts, k_interiors, k_lists = k_walk.counts, k_walk.interiors, k_walk.lists
 
     def by_head(x, rows, index):  # x's head for query head h, rows given by index(i)
         head_of = _head_of(heads, x.shape[2])

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 def visible(q_pos, q_seg, k_pos, k_seg, *, window: int | None = None, sink_tokens: int = 0):
     """Elementwise over broadcast shapes, e.g. q [..., T, 1] against k [..., 1, S] -> [..., T, S]."""
-    mask = (k_pos >= 0) & (k_pos <= q_pos) & (q_seg == k_seg)
+    return (k_pos >= 0) & (q_seg == k_seg) & visible_in_document(q_pos, k_pos, window=window, sink_tokens=sink_tokens)
+
+
+def visible_in_document(q_pos, k_pos, *, window: int | None = None, sink_tokens: int = 0):
+    """`visible` for a real query and key of one document: the position tests alone (what a kernel computes
+    for block pairs known to be one document of real tokens)."""
+    distance = q_pos - k_pos
+    mask = distance >= 0
     if window is not None:
-        mask &= (q_pos - k_pos < window) | (k_pos < sink_tokens)
+        near = distance < window
+        mask &= (near | (k_pos < sink_tokens)) if sink_tokens else near
     return mask
 
 

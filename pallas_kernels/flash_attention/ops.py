@@ -21,13 +21,23 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.pallas_kernels import dispatch
+from zoo.pallas_kernels import dispatch, mosaic_gpu
 from zoo.pallas_kernels.flash_attention import gpu, hopper, tpu
 from zoo.pallas_kernels.flash_attention.masking import all_see, may_see
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.tiles import pad_axis, triton_width
 
 _FAR = 2**30  # beyond any position or segment id
+
+
+class Walk(NamedTuple):
+    """For each block, the blocks of the other side it visits, in order: first those it sees whole (walked
+    without a mask), then those within one document of real tokens (masked by position alone), then the rest
+    (masked by position, document and padding)."""
+    counts: jax.Array  # [B, n] blocks visited
+    interiors: jax.Array  # [B, n] of those, seen whole
+    documents: jax.Array  # [B, n] of those, seen whole or within one document
+    lists: jax.Array  # [B, n, L] the blocks, each group ascending, then the unvisited ones
 
 
 class _Static(NamedTuple):
@@ -105,12 +115,12 @@ def _gpu_kind(backend, platform, qs, ks, v, blocks) -> str:
     if platform == "mosaic_gpu":
         if refusal:
             raise ValueError(f"the Mosaic GPU flash attention forward does not run these inputs: {refusal}")
-        if not (backend.interpret or hopper.available()):
+        if not (backend.interpret or mosaic_gpu.available()):
             raise ValueError("the Mosaic GPU flash attention forward needs an sm90 (Hopper) GPU; platform='gpu' runs "
                              "the Triton kernels")
         return "mosaic_gpu"
     triton_blocks = blocks is not None and (blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64)
-    usable = not backend.interpret and refusal is None and not triton_blocks and hopper.available()
+    usable = not backend.interpret and refusal is None and not triton_blocks and mosaic_gpu.available()
     return "mosaic_gpu" if usable else "gpu"
 
 
@@ -142,25 +152,28 @@ def _block_ranges(positions, segments, block):
 
 
 def block_lists(static: _Static, q_pos, q_seg, k_pos, k_seg, block_q, block_k):
-    """Per query block: how many key blocks it may see, how many of those it sees whole (no element mask
-    needed), and the list of them, the whole ones first, each group ascending (padded to a power of two on
-    GPUs); the same per key block over query blocks. Each is (counts, interior counts, lists)."""
+    """The Walk of each query block over key blocks and of each key block over query blocks (lists padded
+    to a power of two for Triton)."""
     (qp, qs, q_real), (kp, ks, k_real) = _block_ranges(q_pos, q_seg, block_q), _block_ranges(k_pos, k_seg, block_k)
     expand_q = lambda pair: tuple(x[:, :, None] for x in pair)  # noqa: E731
     expand_k = lambda pair: tuple(x[:, None, :] for x in pair)  # noqa: E731
     ranges = (expand_q(qp), expand_q(qs), expand_k(kp), expand_k(ks))
     visits = may_see(*ranges, window=static.window, sink_tokens=static.sink_tokens)
-    whole = visits & all_see(*ranges, window=static.window, sink_tokens=static.sink_tokens) \
-        & q_real[:, :, None] & k_real[:, None, :]
+    all_real = q_real[:, :, None] & k_real[:, None, :]
+    one_document = visits & all_real & (qs[0] == qs[1])[:, :, None] & (ks[0] == ks[1])[:, None, :] \
+        & (qs[0][:, :, None] == ks[0][:, None, :])
+    whole = visits & all_real & all_see(*ranges, window=static.window, sink_tokens=static.sink_tokens)
 
-    def compact(visits, whole):  # whole visits first, then the masked ones, then the rest, in order
+    def compact(visits, one_document, whole):
         width = triton_width(visits.shape[-1]) if static.platform == "gpu" else visits.shape[-1]  # Mosaic: a grid axis
-        visits, whole = pad_axis(visits, 2, width, False), pad_axis(whole, 2, width, False)
-        rank = jnp.where(whole, 0, jnp.where(visits, 1, 2))
-        return (jnp.sum(visits, axis=-1, dtype=jnp.int32), jnp.sum(whole, axis=-1, dtype=jnp.int32),
-                jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32))
+        visits, one_document, whole = (pad_axis(x, 2, width, False) for x in (visits, one_document, whole))
+        rank = jnp.where(whole, 0, jnp.where(one_document, 1, jnp.where(visits, 2, 3)))
+        count = lambda x: jnp.sum(x, axis=-1, dtype=jnp.int32)  # noqa: E731
+        return Walk(count(visits), count(whole), count(one_document),
+                    jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32))
 
-    return compact(visits, whole), compact(jnp.swapaxes(visits, 1, 2), jnp.swapaxes(whole, 1, 2))
+    transposed = (jnp.swapaxes(x, 1, 2) for x in (visits, one_document, whole))
+    return compact(visits, one_document, whole), compact(*transposed)
 
 
 def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):

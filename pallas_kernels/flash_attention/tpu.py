@@ -186,7 +186,7 @@ def _specs(heads, block_q, block_k, own_is_query, owns, width):
 
 
 def _flat(walk):
-    counts, interiors, lists = walk
+    counts, interiors, lists = walk.counts, walk.interiors, walk.lists
     return counts.reshape(-1), interiors.reshape(-1), lists.reshape(-1), lists.shape[1], lists.shape[2]
 
 

@@ -8,8 +8,9 @@ projected through its rows of W_UV, summed; under a mesh whose "tensor" axis spl
 device runs its shards and a psum over "tensor" is the all-reduce (G = 1 is MLA). Decode is never
 differentiated, so there is no custom_vjp (DESIGN.md asks for one where training uses a kernel).
 Both kernels read a paged cache (a page pool and a block table); a contiguous cache is handed to them as
-a pool whose pages each row owns in order. GPUs: gpu.py (split-K flash-decoding); TPUs: tpu.py (a row's
-heads together, page by page); splits are combined here by their log-sum-exp.
+a pool whose pages each row owns in order. GPUs: hopper.py (Mosaic GPU, wgmma; sm90, 64 heads a program)
+where it applies, else gpu.py (Triton; both split-K flash-decoding); TPUs: tpu.py (a row's heads together,
+page by page); splits are combined here by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zoo.pallas_kernels import dispatch
-from zoo.pallas_kernels.mla_decode import gpu, tpu
+from zoo.pallas_kernels import dispatch, mosaic_gpu
+from zoo.pallas_kernels.mla_decode import gpu, hopper, tpu
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 from zoo.pallas_kernels.splits import combine_splits, default_splits
 from zoo.pallas_kernels.tiles import pad_axis, triton_width
@@ -46,7 +47,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
 
     block: slots per step of the walk (a power of two >= 16 on GPUs, a multiple of 8 on TPUs); splits: how
     many programs share a row's slots (default: default_splits on GPUs, 1 on TPUs); head_block: heads per
-    GPU program (all of them when fewer; defaults from the sweep in gpu.py)."""
+    Triton program (all of them when fewer; defaults from the sweep in gpu.py). platform: None (the one JAX
+    runs on; on an sm90 GPU the Mosaic GPU kernel where hopper.supports the shapes, else Triton), "gpu"
+    (Triton), "mosaic_gpu" (an error where it does not apply) or "tpu"."""
     batch, heads, rank = q_lat.shape
     rope = k_pe.shape[-1]
     paged = block_table is not None
@@ -64,7 +67,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
                          f"{q_lat.shape}, {q_pe.shape}, {c.shape}, {k_pe.shape}, {lengths.shape}"
                          + (f", block_table {block_table.shape}" if paged else ""))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, slots)
-    backend = dispatch.resolve(impl, platform)
+    backend = dispatch.resolve(impl, "gpu" if platform == "mosaic_gpu" else platform)
     if backend.kind == "xla":
         if paged:
             c, k_pe = paged_to_contiguous(c, block_table), paged_to_contiguous(k_pe, block_table)
@@ -91,6 +94,14 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     blocks = block_table.shape[1]
     split_len = -(-blocks // (splits or default_splits(batch, blocks * block, block))) * block
     splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
+    refusal = hopper.supports(heads, rank, rope, block, dtype)
+    if platform == "mosaic_gpu" and refusal:
+        raise ValueError(f"the Mosaic GPU MLA decode kernel does not take these shapes: {refusal}")
+    if platform == "mosaic_gpu" or (platform is None and not backend.interpret and refusal is None
+                                    and mosaic_gpu.available()):
+        partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits,
+                                         split_len=split_len, interpret=backend.interpret)
+        return combine_splits(partial, lse)
     head_block = min(triton_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
     partial, lse = gpu.mla_decode(

@@ -1,0 +1,205 @@
+"""MLA decode on Hopper GPUs (Pallas Mosaic GPU): split-K flash-decoding with wgmma, for many heads a GPU.
+
+With all 128 heads of DeepSeek-V2/V3 on one GPU the step is compute-bound (2 * 128 * (2R + P) flops per
+slot read, R = 512, P = 64), and Triton's matmuls on 32-head tiles stay near a third of the tensor cores'
+peak (gpu.py). Here a program owns 64 heads (one wgmma M) of one row and one split of its slots, as in
+FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's registers, so two compute
+warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
+two wgmma into one accumulator) and the online softmax, and publishes the probabilities (bf16) and the
+rescale factors in shared memory; both then add probs @ c[:, their half] to their half of the output. A
+memory warpgroup streams the pages named by the block table into a ring of stages with TMA.
+
+Slots at or past the row's length are masked in the last page; pages past it are never read. Outputs are
+each split's normalised latent output and log-sum-exp (splits.split_result's convention), combined in
+ops.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from zoo.pallas_kernels.mosaic_gpu import ROWS, TILE, accumulate, interpret_params
+from zoo.pallas_kernels.tiles import F32, MASKED
+
+HEADS = 64  # heads per program: one wgmma M
+PAGE = 64  # slots per step: the page size of the cache this kernel reads
+STAGES = 2
+SHARED_MEMORY = 227 * 1024
+_LOG2E = math.log2(math.e)
+
+
+
+def _shared_bytes(rank, rope, itemsize):
+    queries = HEADS * (rank + rope)
+    stage = PAGE * (rank + rope)
+    return itemsize * (queries + STAGES * stage) + 4 * (STAGES + 2) * HEADS + 4096  # + alignment, barriers
+
+
+def supports(heads, rank, rope, page, dtype) -> str | None:
+    """None when this kernel takes the shapes, else why not (gpu.py's Triton kernel runs them)."""
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "wgmma takes bfloat16 / float16 caches"
+    if heads % HEADS:
+        return f"heads must be a multiple of {HEADS}, got {heads}"
+    if rank % 128 or rope != PAGE:
+        return (f"the latent rank must be a multiple of 128 (two halves of 64-wide tiles) and the RoPE width {PAGE} "
+                f"(its key buffer takes a page's [{HEADS}, {PAGE}] probabilities), got {rank}, {rope}")
+    if page != PAGE:
+        return f"pages must hold {PAGE} slots, got {page}"
+    needed = _shared_bytes(rank, rope, jnp.dtype(dtype).itemsize)
+    if needed > SHARED_MEMORY:
+        return f"needs {needed} bytes of shared memory, more than {SHARED_MEMORY}"
+    return None
+
+
+def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, split_len, interpret):
+    """q_lat [B, H, R], q_pe [B, H, P] (the cache's dtype); page pools c [N, PAGE, R], k_pe [N, PAGE, P];
+    lengths [B] int32 (clipped to the table); block_table [B, M] int32 (valid pool indices); split_len a
+    multiple of PAGE. Returns per split the normalised output [B, splits, H, R] float32 and log-sum-exp
+    [B, splits, H]."""
+    batch, heads, rank = q_lat.shape
+    rope, dtype = q_pe.shape[-1], c.dtype
+    half = rank // 2
+    score_scale = scale * _LOG2E
+
+    def kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref):
+        group, split, row = lax.axis_index("groups"), lax.axis_index("splits"), lax.axis_index("rows")
+        start = split * split_len
+        stop = jnp.minimum(start + split_len, lengths_ref[row])
+        count = lax.div(jnp.maximum(stop - start, 0) + PAGE - 1, jnp.int32(PAGE))
+        heads_here = pl.ds(group * HEADS, HEADS)
+
+        def scoped(q_lat_smem, q_pe_smem, c_smem, pe_smem, rescale_smem, norm_smem, lse_smem, q_bar, page_bar,
+                   page_free, probs_ready, norm_ready):
+            wg = lax.axis_index("wg")
+
+            def add_page(acc, slot, rescale):  # acc * rescale + probs @ c[:, this warpgroup's half]
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                return accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], interpret)
+
+            def finish(acc, scale_rows):
+                o_ref.at[row, split, heads_here, pl.ds(wg * half, half)][...] = acc * lax.broadcast_in_dim(
+                    scale_rows, acc.shape, [0])
+
+            @pl.when(wg == 0)
+            def _scores_and_half():
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
+                plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
+                plgpu.barrier_wait(q_bar)
+
+                def step(t, carry):
+                    acc, running_max, total = carry
+                    slot = lax.rem(t, STAGES)
+                    plgpu.barrier_wait(page_bar.at[slot])
+
+                    def scores(acc_ref):
+                        plgpu.wgmma(acc_ref, q_lat_smem, c_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, q_pe_smem, pe_smem.at[slot].T)
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
+                    slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
+                                                                       layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(slots < stop, s, -jnp.inf)
+                    new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
+                    rescale = jnp.exp2(running_max - new_max)
+                    probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+                    total = total * rescale + probs.sum(axis=1)
+                    # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
+                    # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
+                    pe_smem.at[slot][...] = probs.astype(dtype)
+                    rescale_smem.at[slot][...] = rescale
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(probs_ready.at[slot])
+                    acc = add_page(acc, slot, rescale)
+                    plgpu.barrier_arrive(page_free.at[slot])
+                    return acc, new_max, total
+
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
+                running_max = plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS)
+                total = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
+                acc, running_max, total = lax.fori_loop(0, count, step, (acc, running_max, total))
+                empty = total == 0.0  # nothing in this split: output 0, no weight in the combine
+                safe_total = jnp.where(empty, 1.0, total)
+                scale_rows = jnp.where(empty, 0.0, 1.0 / safe_total)
+                norm_smem[...] = scale_rows  # the other half's normalisation
+                lse_smem[...] = jnp.where(empty, MASKED, running_max / _LOG2E + jnp.log(safe_total))
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(norm_ready)
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])
+                finish(acc, scale_rows)
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == 1)
+            def _other_half():
+                plgpu.set_max_registers(232, action="increase")
+
+                def step(t, acc):
+                    slot = lax.rem(t, STAGES)
+                    plgpu.barrier_wait(probs_ready.at[slot])
+                    acc = add_page(acc, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
+                    plgpu.barrier_arrive(page_free.at[slot])
+                    return acc
+
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
+                acc = lax.fori_loop(0, count, step, acc)
+                plgpu.barrier_wait(norm_ready)
+                finish(acc, plgpu.load(norm_smem, layout=ROWS))
+
+            @pl.when(wg == 2)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+
+                @pl.loop(0, count)
+                def _(t):
+                    slot = lax.rem(t, STAGES)
+                    page = table_ref[row, lax.div(start, jnp.int32(PAGE)) + t]  # read before the wait
+
+                    @pl.when(t >= STAGES)
+                    def _():
+                        plgpu.barrier_wait(page_free.at[slot])
+
+                    plgpu.copy_gmem_to_smem(c_ref.at[page], c_smem.at[slot], page_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(k_pe_ref.at[page], pe_smem.at[slot], page_bar.at[slot])
+
+                for t in range(STAGES):  # the last releases: every barrier phase is waited for once
+                    @pl.when(count - STAGES + t >= 0)
+                    def _():
+                        plgpu.barrier_wait(page_free.at[lax.rem(count - STAGES + t, STAGES)])
+
+        pl.run_scoped(
+            scoped,
+            plgpu.SMEM((HEADS, rank), dtype, transforms=TILE),
+            plgpu.SMEM((HEADS, rope), dtype, transforms=TILE),
+            plgpu.SMEM((STAGES, PAGE, rank), dtype, transforms=TILE),
+            plgpu.SMEM((STAGES, PAGE, rope), dtype, transforms=TILE),
+            plgpu.SMEM((STAGES, HEADS), F32),
+            plgpu.SMEM((HEADS,), F32),
+            plgpu.SMEM((HEADS,), F32),
+            plgpu.Barrier(num_arrivals=2),  # the queries
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a page (latent and RoPE parts)
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # ... released by both compute warpgroups
+            plgpu.Barrier(num_barriers=STAGES),  # a page's probabilities and rescale published
+            plgpu.Barrier(),  # the final normalisation published
+            collective_axes="wg",
+        )
+
+    run = plgpu.kernel(
+        kernel,
+        out_type=[jax.ShapeDtypeStruct((batch, splits, heads, rank), F32),
+                  jax.ShapeDtypeStruct((batch, splits, heads), F32)],
+        grid=(heads // HEADS, splits, batch),
+        grid_names=("groups", "splits", "rows"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
+    )
+    return run(lengths, block_table, q_lat, q_pe, c, k_pe)
