@@ -5,9 +5,11 @@ slot read, R = 512, P = 64), and Triton's matmuls on 32-head tiles stay near a t
 peak (gpu.py). Here a program owns 64 heads (one wgmma M) of one row and one split of its slots, as in
 FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's registers, so two compute
 warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
-two wgmma into one accumulator) and the online softmax, and publishes the probabilities (bf16) and the
-rescale factors in shared memory; both then add probs @ c[:, their half] to their half of the output. A
-memory warpgroup streams the pages named by the block table into a ring of stages with TMA.
+two wgmma into one accumulator) and the online softmax, and publishes in shared memory the probabilities
+(bf16, in the page's RoPE-key buffer, spent by then) and the rescale factors; both then add
+probs @ c[:, their half] to their half of the output. A memory warpgroup streams the pages named by the block
+table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a cluster, which
+loads each page once and multicasts it to both.
 
 Slots at or past the row's length are masked in the last page; pages past it are never read. Outputs are
 each split's normalised latent output and log-sum-exp (splits.split_result's convention), combined in
@@ -67,9 +69,15 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
     rope, dtype = q_pe.shape[-1], c.dtype
     half = rank // 2
     score_scale = scale * _LOG2E
+    # The head groups of a row read the same pages: pairs of them run as a 2-program cluster that loads each
+    # page once and multicasts it to both. GPU interpret mode has no cluster barriers: there every program
+    # loads its own pages (the same walk, synchronised by plain barriers).
+    cluster = 2 if heads // HEADS % 2 == 0 and not interpret else 1
+    shared = "cluster" if cluster > 1 else None
 
     def kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref):
-        group, split, row = lax.axis_index("groups"), lax.axis_index("splits"), lax.axis_index("rows")
+        split, row = lax.axis_index("splits"), lax.axis_index("rows")
+        group = lax.axis_index("groups") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
         start = split * split_len
         stop = jnp.minimum(start + split_len, lengths_ref[row])
         count = lax.div(jnp.maximum(stop - start, 0) + PAGE - 1, jnp.int32(PAGE))
@@ -166,8 +174,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                     def _():
                         plgpu.barrier_wait(page_free.at[slot])
 
-                    plgpu.copy_gmem_to_smem(c_ref.at[page], c_smem.at[slot], page_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(k_pe_ref.at[page], pe_smem.at[slot], page_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(c_ref.at[page], c_smem.at[slot], page_bar.at[slot], collective_axes=shared)
+                    plgpu.copy_gmem_to_smem(k_pe_ref.at[page], pe_smem.at[slot], page_bar.at[slot],
+                                            collective_axes=shared)
 
                 for t in range(STAGES):  # the last releases: every barrier phase is waited for once
                     @pl.when(count - STAGES + t >= 0)
@@ -185,7 +194,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
             plgpu.SMEM((HEADS,), F32),
             plgpu.Barrier(num_arrivals=2),  # the queries
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a page (latent and RoPE parts)
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # ... released by both compute warpgroups
+            # ... released by both compute warpgroups (of every program that the page is multicast to)
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=STAGES) if cluster > 1
+            else plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
             plgpu.Barrier(num_barriers=STAGES),  # a page's probabilities and rescale published
             plgpu.Barrier(),  # the final normalisation published
             collective_axes="wg",
@@ -195,8 +206,10 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
         kernel,
         out_type=[jax.ShapeDtypeStruct((batch, splits, heads, rank), F32),
                   jax.ShapeDtypeStruct((batch, splits, heads), F32)],
-        grid=(heads // HEADS, splits, batch),
+        grid=(heads // HEADS // cluster, splits, batch),
         grid_names=("groups", "splits", "rows"),
+        cluster=(cluster,) if cluster > 1 else (),
+        cluster_names=("cluster",) if cluster > 1 else (),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
