@@ -4,6 +4,8 @@ interpret mode (how the CPU test suite runs them)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -12,6 +14,8 @@ from zoo.pallas_kernels.tiles import F32
 
 TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 128-byte rows of 16-bit elements
 ROWS, COLUMNS = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # a value per row / per column of a tile
+SHARED_MEMORY = 227 * 1024  # an sm90 block's dynamic shared memory
+LOG2E = math.log2(math.e)  # the kernels keep scores in base 2: exp2 with the scale folded in
 
 
 def available() -> bool:

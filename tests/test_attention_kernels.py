@@ -507,7 +507,7 @@ def test_mosaic_gpu_flash_forward_sends_o_through_the_query_buffer_when_memory_i
     inputs, options, (positions, segments) = flash_inputs(rng, "mla_parts", "bfloat16", lengths, widths)
     q_widths = [q.shape[-1] for q in inputs["q"]]
     tight = hopper._shared_bytes(q_widths, inputs["v"].shape[-1], 2, blocks[1], hopper.STAGES, own_o=False)
-    monkeypatch.setattr(hopper, "SHARED_MEMORY", tight)
+    monkeypatch.setattr(mosaic_gpu, "SHARED_MEMORY", tight)
     args = (inputs["q"], inputs["k"], inputs["v"], positions, segments, positions, segments)
     out = flash_attention(*args, sink_logits=inputs["sink_logits"], impl=flash_impl("mosaic_gpu"), platform="mosaic_gpu",
                           blocks=blocks, **options)
@@ -539,7 +539,8 @@ def test_mosaic_gpu_mla_decode_matches_reference(rng, layout):
         where = rng.permutation(batch * slots // page)
         pool = lambda x: jnp.zeros((len(where), page, x.shape[-1]), x.dtype).at[where].set(  # noqa: E731
             x.reshape(len(where), page, -1))
-        out = run(q_lat, q_pe, pool(c), pool(k_pe), lengths, block_table=jnp.asarray(where.reshape(batch, -1), jnp.int32))
+        table = jnp.asarray(where.reshape(batch, -1), jnp.int32)
+        out = run(q_lat, q_pe, pool(c), pool(k_pe), lengths, block_table=table)
     else:
         out = run(q_lat, q_pe, c, k_pe, lengths)
     upcast = [x.astype(jnp.float32) for x in (q_lat, q_pe, c, k_pe)]

@@ -21,7 +21,6 @@ are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +28,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from zoo.pallas_kernels import mosaic_gpu
 from zoo.pallas_kernels.flash_attention import gpu
-from zoo.pallas_kernels.mosaic_gpu import COLUMNS, ROWS, TILE, accumulate, interpret_params
 from zoo.pallas_kernels.flash_attention.masking import visible, visible_in_document
+from zoo.pallas_kernels.mosaic_gpu import COLUMNS, LOG2E, ROWS, TILE, accumulate, interpret_params
 from zoo.pallas_kernels.tiles import F32, MASKED
 
 BLOCK_Q = 64  # query rows per compute warpgroup: one wgmma's M
@@ -39,13 +39,11 @@ COMPUTE_WARPGROUPS = 2
 PROGRAM_ROWS = BLOCK_Q * COMPUTE_WARPGROUPS  # query rows per program: ops.py's forward query block
 BLOCK_K = 128
 STAGES = 2  # key / value blocks in flight
-SHARED_MEMORY = 227 * 1024  # an sm90 block's dynamic shared memory
-_LOG2E = math.log2(math.e)
 
 
 def default_blocks(window):
     """(forward q, forward k, backward q, backward k): this kernel's forward tiles, Triton's backward ones."""
-    del window  # one tile for every layout until a sweep says otherwise
+    del window  # 128-slot key blocks won for full and windowed layouts alike (bench/flash_attention.py --mosaic-sweep)
     return (PROGRAM_ROWS, BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)
 
 
@@ -69,8 +67,8 @@ def supports(qs, ks, v, block_k: int = BLOCK_K) -> str | None:
         return f"key blocks must be multiples of 64, got {block_k}"
     # o may go out through the first query part's buffer when the widths agree
     needed = _shared_bytes(widths, v.shape[-1], v.dtype.itemsize, block_k, STAGES, own_o=widths[0] != v.shape[-1])
-    if needed > SHARED_MEMORY:
-        return f"needs {needed} bytes of shared memory, more than {SHARED_MEMORY}"
+    if needed > mosaic_gpu.SHARED_MEMORY:
+        return f"needs {needed} bytes of shared memory, more than {mosaic_gpu.SHARED_MEMORY}"
     return None
 
 
@@ -89,11 +87,11 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
     batch, length, heads, _ = qs[0].shape
     dv, dtype, parts = v.shape[-1], v.dtype, len(qs)
     counts, interiors, documents, lists = walk
-    score_scale = scale * _LOG2E
+    score_scale = scale * LOG2E
     kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
     # o gets its own buffer where shared memory allows: then a tile's query buffer is handed back after its last
     # score matmul and the next tile's queries load during this one's softmax and output store.
-    own_o = _shared_bytes([q.shape[-1] for q in qs], dv, v.dtype.itemsize, block_k, STAGES, own_o=True) <= SHARED_MEMORY
+    own_o = _shared_bytes([q.shape[-1] for q in qs], dv, v.dtype.itemsize, block_k, STAGES, own_o=True) <= mosaic_gpu.SHARED_MEMORY
     q_tiles = length // PROGRAM_ROWS
     tiles = batch * heads * q_tiles
     programs = _programs(tiles, interpret)
@@ -139,7 +137,7 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
                     q_pos = plgpu.load(q_meta_smem.at[wg, 0], layout=ROWS)
                     q_seg = plgpu.load(q_meta_smem.at[wg, 1], layout=ROWS)
                     # A sink logit is a zero-valued key seen by every row: it starts the running max, weight 1.
-                    start_max = sinks_ref[head] * _LOG2E if has_sink else jnp.float32(MASKED)
+                    start_max = sinks_ref[head] * LOG2E if has_sink else jnp.float32(MASKED)
                     running_max = plgpu.layout_cast(jnp.full((BLOCK_Q,), start_max, F32), ROWS)
                     total = plgpu.layout_cast(jnp.full((BLOCK_Q,), 1.0 if has_sink else 0.0, F32), ROWS)
                     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dv), F32), plgpu.Layout.WGMMA)
@@ -219,7 +217,7 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
                     empty = total == 0.0  # nothing visible (a padding row): output 0
                     safe_total = jnp.where(empty, 1.0, total)
                     out = (acc / lax.broadcast_in_dim(safe_total, acc.shape, [0])).astype(dtype)
-                    lse = jnp.where(empty, MASKED, (running_max + jnp.log2(safe_total)) / _LOG2E)
+                    lse = jnp.where(empty, MASKED, (running_max + jnp.log2(safe_total)) / LOG2E)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o / lse
                     o_smem.at[wg][...] = out
                     lse_smem.at[wg][...] = lse

@@ -18,7 +18,6 @@ ops.py.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +25,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from zoo.pallas_kernels.mosaic_gpu import ROWS, TILE, accumulate, interpret_params
+from zoo.pallas_kernels import mosaic_gpu
+from zoo.pallas_kernels.mosaic_gpu import LOG2E, ROWS, TILE, accumulate, interpret_params
 from zoo.pallas_kernels.tiles import F32, MASKED
 
 HEADS = 64  # heads per program: one wgmma M
 PAGE = 64  # slots per step: the page size of the cache this kernel reads
 STAGES = 2
-SHARED_MEMORY = 227 * 1024
-_LOG2E = math.log2(math.e)
 
 
 
@@ -55,8 +53,8 @@ def supports(heads, rank, rope, page, dtype) -> str | None:
     if page != PAGE:
         return f"pages must hold {PAGE} slots, got {page}"
     needed = _shared_bytes(rank, rope, jnp.dtype(dtype).itemsize)
-    if needed > SHARED_MEMORY:
-        return f"needs {needed} bytes of shared memory, more than {SHARED_MEMORY}"
+    if needed > mosaic_gpu.SHARED_MEMORY:
+        return f"needs {needed} bytes of shared memory, more than {mosaic_gpu.SHARED_MEMORY}"
     return None
 
 
@@ -68,7 +66,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
     batch, heads, rank = q_lat.shape
     rope, dtype = q_pe.shape[-1], c.dtype
     half = rank // 2
-    score_scale = scale * _LOG2E
+    score_scale = scale * LOG2E
     # The head groups of a row read the same pages: pairs of them run as a 2-program cluster that loads each
     # page once and multicasts it to both. GPU interpret mode has no cluster barriers: there every program
     # loads its own pages (the same walk, synchronised by plain barriers).
@@ -138,7 +136,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                 safe_total = jnp.where(empty, 1.0, total)
                 scale_rows = jnp.where(empty, 0.0, 1.0 / safe_total)
                 norm_smem[...] = scale_rows  # the other half's normalisation
-                lse_smem[...] = jnp.where(empty, MASKED, running_max / _LOG2E + jnp.log(safe_total))
+                lse_smem[...] = jnp.where(empty, MASKED, running_max / LOG2E + jnp.log(safe_total))
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(norm_ready)
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])

@@ -97,6 +97,8 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     refusal = hopper.supports(heads, rank, rope, block, dtype)
     if platform == "mosaic_gpu" and refusal:
         raise ValueError(f"the Mosaic GPU MLA decode kernel does not take these shapes: {refusal}")
+    if platform == "mosaic_gpu" and not (backend.interpret or mosaic_gpu.available()):
+        raise ValueError("the Mosaic GPU MLA decode kernel needs an sm90 (Hopper) GPU; platform='gpu' runs Triton's")
     if platform == "mosaic_gpu" or (platform is None and not backend.interpret and refusal is None
                                     and mosaic_gpu.available()):
         partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits,
