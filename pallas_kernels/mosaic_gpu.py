@@ -7,14 +7,17 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from zoo.pallas_kernels.tiles import F32
+from zoo.pallas_kernels.tiles import F32, MASKED
 
 TILE = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 128-byte rows of 16-bit elements
 ROWS, COLUMNS = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # a value per row / per column of a tile
-SHARED_MEMORY = 227 * 1024  # an sm90 block's dynamic shared memory
+# An sm90 block's 227 KB of dynamic shared memory, less what Mosaic GPU adds to the kernels' buffers (barriers,
+# alignment: 3.6 KB measured on the MLA decode kernel), so that supports() refuses what would not compile.
+SHARED_MEMORY = 227 * 1024 - 4096
 LOG2E = math.log2(math.e)  # the kernels keep scores in base 2: exp2 with the scale folded in
 
 
@@ -22,6 +25,15 @@ def available() -> bool:
     """Whether JAX runs on an sm90 (Hopper) GPU: wgmma is sm90a-only."""
     device = jax.devices()[0]
     return device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
+
+
+def softmax_finish(running_max, total):
+    """A row's online softmax finished (running max in base 2, the kernels' convention): the factor that
+    normalises its output and its log-sum-exp in base e; a row that saw nothing gets factor 0 and MASKED (so
+    output 0 and no weight where splits or tiles are combined)."""
+    empty = total == 0.0
+    safe_total = jnp.where(empty, 1.0, total)
+    return jnp.where(empty, 0.0, 1.0 / safe_total), jnp.where(empty, MASKED, running_max / LOG2E + jnp.log(safe_total))
 
 
 def interpret_params(interpret: bool):

@@ -31,7 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from zoo.pallas_kernels import mosaic_gpu
 from zoo.pallas_kernels.flash_attention import gpu
 from zoo.pallas_kernels.flash_attention.masking import visible, visible_in_document
-from zoo.pallas_kernels.mosaic_gpu import COLUMNS, LOG2E, ROWS, TILE, accumulate, interpret_params
+from zoo.pallas_kernels.mosaic_gpu import COLUMNS, LOG2E, ROWS, TILE, accumulate, interpret_params, softmax_finish
 from zoo.pallas_kernels.tiles import F32, MASKED
 
 BLOCK_Q = 64  # query rows per compute warpgroup: one wgmma's M
@@ -91,7 +91,8 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
     kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
     # o gets its own buffer where shared memory allows: then a tile's query buffer is handed back after its last
     # score matmul and the next tile's queries load during this one's softmax and output store.
-    own_o = _shared_bytes([q.shape[-1] for q in qs], dv, v.dtype.itemsize, block_k, STAGES, own_o=True) <= mosaic_gpu.SHARED_MEMORY
+    needed = _shared_bytes([q.shape[-1] for q in qs], dv, v.dtype.itemsize, block_k, STAGES, own_o=True)
+    own_o = needed <= mosaic_gpu.SHARED_MEMORY
     q_tiles = length // PROGRAM_ROWS
     tiles = batch * heads * q_tiles
     programs = _programs(tiles, interpret)
@@ -214,10 +215,8 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
                         def _():
                             plgpu.barrier_arrive(q_free.at[wg])
 
-                    empty = total == 0.0  # nothing visible (a padding row): output 0
-                    safe_total = jnp.where(empty, 1.0, total)
-                    out = (acc / lax.broadcast_in_dim(safe_total, acc.shape, [0])).astype(dtype)
-                    lse = jnp.where(empty, MASKED, (running_max + jnp.log2(safe_total)) / LOG2E)
+                    scale_rows, lse = softmax_finish(running_max, total)  # a padding row: output 0
+                    out = (acc * lax.broadcast_in_dim(scale_rows, acc.shape, [0])).astype(dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o / lse
                     o_smem.at[wg][...] = out
                     lse_smem.at[wg][...] = lse

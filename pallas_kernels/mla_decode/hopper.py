@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from zoo.pallas_kernels import mosaic_gpu
-from zoo.pallas_kernels.mosaic_gpu import LOG2E, ROWS, TILE, accumulate, interpret_params
+from zoo.pallas_kernels.mosaic_gpu import LOG2E, ROWS, TILE, accumulate, interpret_params, softmax_finish
 from zoo.pallas_kernels.tiles import F32, MASKED
 
 HEADS = 64  # heads per program: one wgmma M
@@ -38,7 +38,7 @@ STAGES = 2
 def _shared_bytes(rank, rope, itemsize):
     queries = HEADS * (rank + rope)
     stage = PAGE * (rank + rope)
-    return itemsize * (queries + STAGES * stage) + 4 * (STAGES + 2) * HEADS + 4096  # + alignment, barriers
+    return itemsize * (queries + STAGES * stage) + 4 * (STAGES + 2) * HEADS
 
 
 def supports(heads, rank, rope, page, dtype) -> str | None:
@@ -132,11 +132,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                 running_max = plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS)
                 total = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
                 acc, running_max, total = lax.fori_loop(0, count, step, (acc, running_max, total))
-                empty = total == 0.0  # nothing in this split: output 0, no weight in the combine
-                safe_total = jnp.where(empty, 1.0, total)
-                scale_rows = jnp.where(empty, 0.0, 1.0 / safe_total)
+                scale_rows, lse = softmax_finish(running_max, total)
                 norm_smem[...] = scale_rows  # the other half's normalisation
-                lse_smem[...] = jnp.where(empty, MASKED, running_max / LOG2E + jnp.log(safe_total))
+                lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(norm_ready)
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])
