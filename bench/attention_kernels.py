@@ -9,7 +9,9 @@
 
 MLA shape as DeepSeek-V2/V3 decode: 128 heads (--heads), kv_lora_rank 512, RoPE dim 64, bf16 cache and
 queries, every row attending to its whole context (lengths = context). Paged: the same cache cut into
-64-slot pages and scattered over a pool in a random order, read through the block table. XLA =
+64-slot pages and scattered over a pool in a random order, read through the block table; "l2_resident":
+the paged kernel with every row's table pointing at its first page, so that reads hit L2 and the time is
+the kernel's compute (the Mosaic GPU kernel's ceiling where it is compute-bound). XLA =
 zoo.layers.mla.latent_attention on the same bf16 arrays. Achieved GB/s counts the compulsory traffic: the
 cache read once (c and k_pe), queries read and outputs written once; TFLOP/s counts 2 * H * context *
 (2R + P) per row. GQA shape as Llama-3-8B: 32 query heads, 8 key heads of 128, bf16 cache [B, S, 8, 128]
@@ -121,6 +123,7 @@ def main():
     parser.add_argument("--contexts", default="4096,8192,16384,32768")
     parser.add_argument("--heads", type=int, default=HEADS, help="MLA query heads (128: one GPU; 16: TP 8)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--splits", type=int, help="MLA splits of each row (default: the kernel's choice)")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-grid", default="32,64:32,64,128:4,8:2,3",
                         help="head_blocks:blocks:warps:stages, each a ','-list")
@@ -166,13 +169,16 @@ def main():
         gpu.WARPS, gpu.STAGES = defaults
         del reference
     for batch, context in itertools.product(map(int, args.batches.split(",")) if not args.gqa_only else (), contexts):
-        record, ours, inputs_, scale = measure(batch, context, args.repeats)
+        record, ours, inputs_, scale = measure(batch, context, args.repeats,
+                                               **({"splits": args.splits} if args.splits else {}))
         xla = jax.jit(lambda *a: xla_decode(*a, scale=scale))
         xla_seconds = time_jax(xla, *inputs_, repeats=args.repeats)
         got, want = ours(*inputs_), xla(*inputs_).astype(jnp.float32)
         q_lat, q_pe, c, k_pe, lengths = inputs_
         record["kernel"] = "mosaic_gpu" if mosaic_gpu.available() and hopper.supports(
             HEADS, RANK, ROPE, 64, jnp.bfloat16) is None else "triton"
+        if record["kernel"] == "mosaic_gpu" and "splits" not in record:
+            record["splits"] = hopper.default_splits(batch, HEADS, context, RANK, ROPE)
         if record["kernel"] == "mosaic_gpu":  # the Triton kernel on the same inputs
             triton = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl="pallas", platform="gpu"))
             triton_seconds = time_jax(triton, *inputs_, repeats=args.repeats)
@@ -180,9 +186,14 @@ def main():
                           zoo_triton_GBps=traffic_bytes(batch, context) / triton_seconds / 1e9,
                           err_triton_vs_xla=float(jnp.max(jnp.abs(triton(*inputs_) - want)) / jnp.max(jnp.abs(want))))
         c_pool, pe_pool, table = paged(c, k_pe, 64)
-        paged_decode = jax.jit(lambda *a: mla_decode(*a[:5], scale=scale, block_table=a[5], impl="pallas"))
+        paged_decode = jax.jit(lambda *a: mla_decode(*a[:5], scale=scale, block_table=a[5], impl="pallas",
+                                                     **({"splits": args.splits} if args.splits else {})))
         paged_seconds = time_jax(paged_decode, q_lat, q_pe, c_pool, pe_pool, lengths, table, repeats=args.repeats)
         got_paged = paged_decode(q_lat, q_pe, c_pool, pe_pool, lengths, table)
+        # Every page of a row read from its first one: the reads hit L2, so this times the kernel's compute
+        one_page = jnp.broadcast_to(table[:, :1], table.shape)
+        record["zoo_l2_resident_ms"] = 1e3 * time_jax(paged_decode, q_lat, q_pe, c_pool, pe_pool, lengths, one_page,
+                                                      repeats=args.repeats)
         del c_pool, pe_pool
         record.update(zoo_paged_ms=1e3 * paged_seconds,
                       zoo_paged_GBps=traffic_bytes(batch, context) / paged_seconds / 1e9,

@@ -19,6 +19,8 @@ def default_splits(rows: int, slots: int, block: int, target_programs: int = 264
 def combine_splits(partial, lse, sink_logits=None):
     """Splits' normalised outputs [B, splits, H, D] weighted by their share of the softmax mass
     (log-sum-exp [B, splits, H]); sink_logits [H] join the softmax as a zero-valued entry of each row."""
+    if partial.shape[1] == 1 and sink_logits is None:  # one split: its weight is 1 (an empty row's output is 0)
+        return partial[:, 0]
     if sink_logits is not None:
         sinks = jnp.broadcast_to(sink_logits.astype(jnp.float32)[None, None, :], (lse.shape[0], 1, lse.shape[2]))
         weights = jax.nn.softmax(jnp.concatenate([lse, sinks], axis=1), axis=1)[:, :-1]

@@ -67,6 +67,15 @@ def test_default_splits_fill_the_gpu_without_tiny_splits():
     assert default_splits(rows=4, slots=256, block=64) == 1
 
 
+def test_hopper_mla_splits_fill_whole_waves_and_skip_the_combine():
+    """One program a GPU's SM (132 here, no GPU): 128 rows x 2 head groups already fill two waves, so one split
+    (no partial outputs to combine); 8 rows fill one wave with 8 splits (16 would take two); one row takes the
+    most splits that keep 8 pages each."""
+    assert mla_hopper.default_splits(batch=128, heads=128, slots=8192, rank=512, rope=64) == 1
+    assert mla_hopper.default_splits(batch=8, heads=128, slots=8192, rank=512, rope=64) == 8
+    assert mla_hopper.default_splits(batch=1, heads=128, slots=32768, rank=512, rope=64) == 64
+
+
 def test_mla_decode_rejects_a_block_the_kernels_cannot_tile():
     args = (jnp.zeros((1, 2, 32)), jnp.zeros((1, 2, 16)), jnp.zeros((1, 64, 32)), jnp.zeros((1, 64, 16)),
             jnp.ones((1,), jnp.int32))
@@ -518,15 +527,17 @@ def test_mosaic_gpu_flash_forward_sends_o_through_the_query_buffer_when_memory_i
         < TOLERANCE["bfloat16"]
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_mosaic_gpu_mla_decode_matches_reference(rng, layout):
+def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, splits):
     """The Mosaic GPU (Hopper) MLA decode kernel: 64 heads a program with the latent output split over two
-    warpgroups, two head groups (compiled: one 2-program cluster sharing each page), ragged lengths (one
-    slot, a length ending inside a page, the whole cache), 3 splits (some empty for short rows), a contiguous
-    cache and the same cache as a shuffled page pool."""
+    warpgroups that take pages in turns, two head groups (compiled: one 2-program cluster sharing each
+    page), ragged lengths (one slot, a length ending inside a page, the whole cache), one split (several
+    pairs of pages, and an odd count) or 3 (some empty for short rows), a contiguous cache and the same
+    cache as a shuffled page pool."""
     batch, heads, rank, rope, page = 3, 128, 128, 64, mla_hopper.PAGE
     slots = 4 * page
-    lengths = jnp.asarray([1, int(rng.integers(page + 1, 3 * page)), slots], jnp.int32)
+    lengths = jnp.asarray([1, int(rng.integers(2 * page + 1, 3 * page)), slots], jnp.int32)
 
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(jnp.bfloat16)
@@ -534,7 +545,7 @@ def test_mosaic_gpu_mla_decode_matches_reference(rng, layout):
     q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
         normal(batch, slots, rope)
     impl = "pallas" if mosaic_gpu.available() else "interpret"
-    run = functools.partial(mla_decode, scale=0.1, impl=impl, platform="mosaic_gpu", splits=3)
+    run = functools.partial(mla_decode, scale=0.1, impl=impl, platform="mosaic_gpu", splits=splits)
     if layout == "paged":
         where = rng.permutation(batch * slots // page)
         pool = lambda x: jnp.zeros((len(where), page, x.shape[-1]), x.dtype).at[where].set(  # noqa: E731

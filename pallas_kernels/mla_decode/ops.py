@@ -46,7 +46,8 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     Returns the latent output [B, H, R], float32.
 
     block: slots per step of the walk (a power of two >= 16 on GPUs, a multiple of 8 on TPUs); splits: how
-    many programs share a row's slots (default: default_splits on GPUs, 1 on TPUs); head_block: heads per
+    many programs share a row's slots (default: hopper.default_splits for the Mosaic GPU kernel,
+    default_splits for Triton's, 1 on TPUs); head_block: heads per
     Triton program (all of them when fewer; defaults from the sweep in gpu.py). platform: None (the one JAX
     runs on; on an sm90 GPU the Mosaic GPU kernel where hopper.supports the shapes, else Triton), "gpu"
     (Triton), "mosaic_gpu" (an error where it does not apply) or "tpu"."""
@@ -92,15 +93,19 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
                                       interpret=backend.interpret)
         return combine_splits(partial, lse)
     blocks = block_table.shape[1]
-    split_len = -(-blocks // (splits or default_splits(batch, blocks * block, block))) * block
-    splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
     refusal = hopper.supports(heads, rank, rope, block, dtype)
     if platform == "mosaic_gpu" and refusal:
         raise ValueError(f"the Mosaic GPU MLA decode kernel does not take these shapes: {refusal}")
     if platform == "mosaic_gpu" and not (backend.interpret or mosaic_gpu.available()):
         raise ValueError("the Mosaic GPU MLA decode kernel needs an sm90 (Hopper) GPU; platform='gpu' runs Triton's")
-    if platform == "mosaic_gpu" or (platform is None and not backend.interpret and refusal is None
-                                    and mosaic_gpu.available()):
+    on_hopper = platform == "mosaic_gpu" or (platform is None and not backend.interpret and refusal is None
+                                             and mosaic_gpu.available())
+    if splits is None:
+        splits = (hopper.default_splits(batch, heads, blocks * block, rank, rope) if on_hopper
+                  else default_splits(batch, blocks * block, block))
+    split_len = -(-blocks // splits) * block
+    splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
+    if on_hopper:
         partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits,
                                          split_len=split_len, interpret=backend.interpret)
         return combine_splits(partial, lse)
