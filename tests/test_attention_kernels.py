@@ -534,7 +534,7 @@ def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, splits):
     warpgroups, two head groups (compiled: one 2-program cluster sharing each page), ragged lengths (one
     slot, a length ending inside a page, the whole cache), one split (a walk round the stage ring) or 3
     (some empty for short rows), a contiguous cache and the same cache as a shuffled page pool."""
-    batch, heads, rank, rope, page = 3, 128, 256, 64, mla_hopper.PAGE
+    batch, heads, rank, rope, page = 3, 128, 128, 64, mla_hopper.PAGE
     slots = 4 * page
     lengths = jnp.asarray([1, int(rng.integers(2 * page + 1, 3 * page)), slots], jnp.int32)
 

@@ -4,14 +4,12 @@ With all 128 heads of DeepSeek-V2/V3 on one GPU the step is compute-bound (2 * 1
 slot read, R = 512, P = 64), and Triton's matmuls on 32-head tiles stay near a third of the tensor cores'
 peak (gpu.py). Here a program owns 64 heads (one wgmma M) of one row and one split of its slots, as in
 FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's registers, so two compute
-warpgroups split its columns. The first computes each page's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
+warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
 two wgmma into one accumulator) and the online softmax, and publishes in shared memory the probabilities
-(16-bit, in the page's RoPE-key buffer, spent by then) and the rescale factor; both then add
-probs @ c[:, their columns] to their part of the output. The first warpgroup's chain (scores, softmax, its
-product) sets the pace, so it keeps a quarter of the columns and the second, otherwise idle, three quarters
-(bench/mla_decode_profile.py measures the warpgroups' time). A memory warpgroup streams the pages named by
-the block table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a
-cluster, which loads each page once and multicasts it to both.
+(bf16, in the page's RoPE-key buffer, spent by then) and the rescale factors; both then add
+probs @ c[:, their half] to their half of the output. A memory warpgroup streams the pages named by the block
+table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a cluster, which
+loads each page once and multicasts it to both.
 
 Slots at or past the row's length are masked in the last page; pages past it are never read. Outputs are
 each split's normalised latent output and log-sum-exp (splits.split_result's convention), combined in
@@ -19,6 +17,7 @@ ops.py.
 """
 
 from __future__ import annotations
+
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +35,6 @@ STAGES = 2
 COMPILER_PARAMS = {"approx_math": True}  # bench/mla_decode_profile.py adds the on-device profiler's
 
 
-def _columns(rank):
-    """Each compute warpgroup's column blocks of the latent output (wgmma's N is at most 256)."""
-    quarter = rank // 4
-    return [[(0, quarter)], [(quarter, 2 * quarter), (3 * quarter, quarter)]]
-
-
 def _shared_bytes(rank, rope, itemsize):
     queries = HEADS * (rank + rope)
     stage = PAGE * (rank + rope)
@@ -54,8 +47,8 @@ def supports(heads, rank, rope, page, dtype) -> str | None:
         return "wgmma takes bfloat16 / float16 caches"
     if heads % HEADS:
         return f"heads must be a multiple of {HEADS}, got {heads}"
-    if rank % 256 or rope != PAGE:
-        return (f"the latent rank must be a multiple of 256 (quarters of 64-wide tiles) and the RoPE width {PAGE} "
+    if rank % 128 or rope != PAGE:
+        return (f"the latent rank must be a multiple of 128 (two halves of 64-wide tiles) and the RoPE width {PAGE} "
                 f"(its key buffer takes a page's [{HEADS}, {PAGE}] probabilities), got {rank}, {rope}")
     if page != PAGE:
         return f"pages must hold {PAGE} slots, got {page}"
@@ -88,7 +81,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
     [B, splits, H]."""
     batch, heads, rank = q_lat.shape
     rope, dtype = q_pe.shape[-1], c.dtype
-    columns = _columns(rank)
+    half = rank // 2
     score_scale = scale * LOG2E
     # The head groups of a row read the same pages: pairs of them run as a 2-program cluster that loads each
     # page once and multicasts it to both. GPU interpret mode has no cluster barriers: there every program
@@ -106,35 +99,26 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
         def scoped(q_lat_smem, q_pe_smem, c_smem, pe_smem, rescale_smem, norm_smem, lse_smem, q_bar, page_bar,
                    page_free, probs_ready, norm_ready):
+            wg = lax.axis_index("wg")
 
             @jax.named_scope("add_page")
-            def add_page(accs, w, slot, rescale):  # acc * rescale + probs @ c[:, its columns], for each block
-                out = []
-                for acc, (first, width) in zip(accs, columns[w]):
-                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-                    out.append(accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(first, width)], interpret))
-                return out
+            def add_page(acc, slot, rescale):  # acc * rescale + probs @ c[:, this warpgroup's half]
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                return accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], interpret)
 
-            def finish(accs, w, scale_rows):
-                for acc, (first, width) in zip(accs, columns[w]):
-                    o_ref.at[row, split, heads_here, pl.ds(first, width)][...] = acc * lax.broadcast_in_dim(
-                        scale_rows, acc.shape, [0])
+            def finish(acc, scale_rows):
+                o_ref.at[row, split, heads_here, pl.ds(wg * half, half)][...] = acc * lax.broadcast_in_dim(
+                    scale_rows, acc.shape, [0])
 
-            def zeros(w):
-                return [plgpu.layout_cast(jnp.zeros((HEADS, width), F32), plgpu.Layout.WGMMA)
-                        for _, width in columns[w]]
-
-            @pl.when(lax.axis_index("wg") == 0)
-            def _scores_and_quarter():
-                # 224 + 240 + 40 registers a thread: the 504 x 128 of the register file that the launch
-                # leaves to take (asking for all 512 waits for registers that never free up)
-                plgpu.set_max_registers(224, action="increase")
+            @pl.when(wg == 0)
+            def _scores_and_half():
+                plgpu.set_max_registers(232, action="increase")
                 plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
                 plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
                 plgpu.barrier_wait(q_bar)
 
                 def step(t, carry):
-                    accs, running_max, total = carry
+                    acc, running_max, total = carry
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_page"):
                         plgpu.barrier_wait(page_bar.at[slot])
@@ -146,54 +130,55 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
                     with jax.named_scope("scores"):
                         s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
+                    slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
+                                                                       layout=plgpu.Layout.WGMMA)
                     with jax.named_scope("softmax"):
-                        slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
-                                                                           layout=plgpu.Layout.WGMMA)
                         s = jnp.where(slots < stop, s, -jnp.inf)
                         new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
                         rescale = jnp.exp2(running_max - new_max)
                         probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
                         total = total * rescale + probs.sum(axis=1)
-                        # The page's RoPE keys are spent: their buffer takes the probabilities (the same
-                        # [64, 64] 16-bit tile), so no buffer of their own is needed and the stage ring orders
-                        # their reuse.
+                        # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
+                        # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
                         pe_smem.at[slot][...] = probs.astype(dtype)
                         rescale_smem.at[slot][...] = rescale
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(probs_ready.at[slot])
-                    accs = add_page(accs, 0, slot, rescale)
+                    acc = add_page(acc, slot, rescale)
                     plgpu.barrier_arrive(page_free.at[slot])
-                    return accs, new_max, total
+                    return acc, new_max, total
 
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
                 running_max = plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS)
                 total = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
-                accs, running_max, total = lax.fori_loop(0, count, step, (zeros(0), running_max, total))
+                acc, running_max, total = lax.fori_loop(0, count, step, (acc, running_max, total))
                 scale_rows, lse = softmax_finish(running_max, total)
-                norm_smem[...] = scale_rows  # the other columns' normalisation
+                norm_smem[...] = scale_rows  # the other half's normalisation
                 lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(norm_ready)
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])
-                finish(accs, 0, scale_rows)
+                finish(acc, scale_rows)
                 plgpu.wait_smem_to_gmem(0)
 
-            @pl.when(lax.axis_index("wg") == 1)
-            def _other_three_quarters():
-                plgpu.set_max_registers(240, action="increase")
+            @pl.when(wg == 1)
+            def _other_half():
+                plgpu.set_max_registers(232, action="increase")
 
-                def step(t, accs):
+                def step(t, acc):
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_published"):
                         plgpu.barrier_wait(probs_ready.at[slot])
-                    accs = add_page(accs, 1, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
+                    acc = add_page(acc, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
                     plgpu.barrier_arrive(page_free.at[slot])
-                    return accs
+                    return acc
 
-                accs = lax.fori_loop(0, count, step, zeros(1))
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
+                acc = lax.fori_loop(0, count, step, acc)
                 plgpu.barrier_wait(norm_ready)
-                finish(accs, 1, plgpu.load(norm_smem, layout=ROWS))
+                finish(acc, plgpu.load(norm_smem, layout=ROWS))
 
-            @pl.when(lax.axis_index("wg") == 2)
+            @pl.when(wg == 2)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
 
@@ -203,9 +188,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                     page = table_ref[row, lax.div(start, jnp.int32(PAGE)) + t]  # read before the wait
 
                     @pl.when(t >= STAGES)
-                    @jax.named_scope("wait_free")
                     def _():
-                        plgpu.barrier_wait(page_free.at[slot])
+                        with jax.named_scope("wait_free"):
+                            plgpu.barrier_wait(page_free.at[slot])
 
                     plgpu.copy_gmem_to_smem(c_ref.at[page], c_smem.at[slot], page_bar.at[slot], collective_axes=shared)
                     plgpu.copy_gmem_to_smem(k_pe_ref.at[page], pe_smem.at[slot], page_bar.at[slot],
