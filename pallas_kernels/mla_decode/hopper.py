@@ -7,10 +7,7 @@ FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's re
 warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
 two wgmma into one accumulator) and the online softmax, and publishes in shared memory the probabilities
 (bf16, in the page's RoPE-key buffer, spent by then) and the rescale factors; both then add
-probs @ c[:, their half] to their half of the output, the second one page behind: it adds page t while the
-first runs page t + 1's softmax, when the tensor cores would otherwise be idle, rather than during page
-t + 1's scores, whose matmul already takes all of shared memory's bandwidth (bench/mla_decode_profile.py
-shows the warpgroups' time). A memory warpgroup streams the pages named by the block
+probs @ c[:, their half] to their half of the output. A memory warpgroup streams the pages named by the block
 table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a cluster, which
 loads each page once and multicasts it to both.
 
@@ -101,7 +98,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
         heads_here = pl.ds(group * HEADS, HEADS)
 
         def scoped(q_lat_smem, q_pe_smem, c_smem, pe_smem, rescale_smem, norm_smem, lse_smem, q_bar, page_bar,
-                   page_free, probs_ready, scored, norm_ready):
+                   page_free, probs_ready, norm_ready):
             wg = lax.axis_index("wg")
 
             @jax.named_scope("add_page")
@@ -133,10 +130,6 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
                     with jax.named_scope("scores"):
                         s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
-
-                    @pl.when(t > 0)  # the other warpgroup adds the page before while this one runs the softmax
-                    def _():
-                        plgpu.barrier_arrive(scored.at[slot])
                     slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
                                                                        layout=plgpu.Layout.WGMMA)
                     with jax.named_scope("softmax"):
@@ -176,13 +169,6 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_published"):
                         plgpu.barrier_wait(probs_ready.at[slot])
-
-                    # ... and adds it once the next page's scores are done: its product then fills the tensor
-                    # cores during the next softmax instead of slowing the next scores' shared-memory reads
-                    @pl.when(t + 1 < count)
-                    @jax.named_scope("wait_scored")
-                    def _():
-                        plgpu.barrier_wait(scored.at[1 - slot])
                     acc = add_page(acc, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc
@@ -230,7 +216,6 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
             plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=STAGES) if cluster > 1
             else plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
             plgpu.Barrier(num_barriers=STAGES),  # a page's probabilities and rescale published
-            plgpu.Barrier(num_barriers=STAGES),  # a page's scores computed (from the second page on)
             plgpu.Barrier(),  # the final normalisation published
             collective_axes="wg",
         )
