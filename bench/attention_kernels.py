@@ -35,8 +35,8 @@ from scan_kernels import ceilings, time_jax  # noqa: E402
 from zoo.layers.mla import latent_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import decode_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import gpu as decode_gpu  # noqa: E402
-from zoo.pallas_kernels import mosaic_gpu  # noqa: E402
 from zoo.pallas_kernels.mla_decode import gpu, hopper, mla_decode  # noqa: E402
+from zoo.pallas_kernels.mla_decode.ops import gpu_kernel  # noqa: E402
 
 HEADS, RANK, ROPE = 128, 512, 64  # HEADS: --heads
 GQA_HEADS, GQA_KV_HEADS, GQA_DIM = 32, 8, 128
@@ -175,8 +175,7 @@ def main():
         xla_seconds = time_jax(xla, *inputs_, repeats=args.repeats)
         got, want = ours(*inputs_), xla(*inputs_).astype(jnp.float32)
         q_lat, q_pe, c, k_pe, lengths = inputs_
-        record["kernel"] = "mosaic_gpu" if mosaic_gpu.available() and hopper.supports(
-            HEADS, RANK, ROPE, 64, jnp.bfloat16) is None else "triton"
+        record["kernel"] = "mosaic_gpu" if gpu_kernel(HEADS, RANK, ROPE, 64, jnp.bfloat16) == "mosaic_gpu" else "triton"
         if record["kernel"] == "mosaic_gpu" and "splits" not in record:
             record["splits"] = hopper.default_splits(batch, HEADS, context, RANK, ROPE)
         if record["kernel"] == "mosaic_gpu":  # the Triton kernel on the same inputs

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scan_kernels import time_jax, time_torch  # noqa: E402
-from zoo.pallas_kernels import mosaic_gpu  # noqa: E402
 from zoo.pallas_kernels.flash_attention import flash_attention, gpu, hopper  # noqa: E402
+from zoo.pallas_kernels.flash_attention.ops import gpu_kernel  # noqa: E402
 
 
 def jax_inputs(batch, length, heads, dims, dim_v, kv_heads, seed=0):
@@ -140,8 +140,7 @@ def measure(case, repeats, peers=True):
     scale = sum(dims) ** -0.5
     shared_rope = len(dims) == 2
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
-    platform = case.get("platform") or ("mosaic_gpu" if mosaic_gpu.available() and hopper.supports(qs, ks, v) is None
-                                        else "gpu")
+    platform = case.get("platform") or gpu_kernel(qs, ks, v)
     blocks = case.get("blocks") or (hopper if platform == "mosaic_gpu" else gpu).default_blocks(window)
     forward, grad = zoo_fns(length, batch, window, scale, blocks, platform)
     flops = attention_flops(batch, length, heads, sum(dims), dim_v, window)

@@ -16,8 +16,10 @@ from zoo.pallas_kernels.decode_attention import decode_attention
 from zoo.pallas_kernels.decode_attention.reference import decode_attention_reference
 from zoo.pallas_kernels import mosaic_gpu
 from zoo.pallas_kernels.flash_attention import flash_attention, hopper
+from zoo.pallas_kernels.flash_attention.ops import gpu_kernel as flash_gpu_kernel
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.mla_decode import hopper as mla_hopper, latent_decode, mla_decode
+from zoo.pallas_kernels.mla_decode.ops import gpu_kernel as mla_gpu_kernel
 from zoo.pallas_kernels.splits import default_splits
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 
@@ -65,6 +67,28 @@ def test_default_splits_fill_the_gpu_without_tiny_splits():
     assert default_splits(rows=128, slots=8192, block=64) == 2
     assert default_splits(rows=1, slots=32768, block=64) == 64  # 32768 / (8 * 64) = 64 < 264
     assert default_splits(rows=4, slots=256, block=64) == 1
+
+
+def test_gpu_kernel_choice_names_what_is_missing():
+    """The one rule ops.py and the benches share: Triton unless the Mosaic GPU kernel applies on an sm90 GPU;
+    platform="mosaic_gpu" forces it (interpret mode runs it anywhere) or says why it cannot run."""
+    hopper_here = mosaic_gpu.available()
+    mla = functools.partial(mla_gpu_kernel, rank=512, rope=64, block=64, dtype=jnp.bfloat16)
+    assert mla(128) == ("mosaic_gpu" if hopper_here else "gpu")
+    assert mla(128, platform="gpu") == "gpu" and mla(48) == "gpu"
+    assert mla(128, platform="mosaic_gpu", interpret=True) == "mosaic_gpu"
+    with pytest.raises(ValueError, match="heads must be a multiple of 64"):
+        mla(48, platform="mosaic_gpu", interpret=True)
+    q, k, v = (jnp.zeros((1, 128, 2, 64), jnp.bfloat16) for _ in range(3))
+    assert flash_gpu_kernel((q,), (k,), v) == ("mosaic_gpu" if hopper_here else "gpu")
+    assert flash_gpu_kernel((q.astype(jnp.float32),), (k.astype(jnp.float32),), v.astype(jnp.float32)) == "gpu"
+    with pytest.raises(ValueError, match="bfloat16 / float16 inputs of one dtype"):
+        flash_gpu_kernel((q.astype(jnp.float32),), (k,), v, platform="mosaic_gpu", interpret=True)
+    if not hopper_here:
+        with pytest.raises(ValueError, match="sm90"):
+            mla(128, platform="mosaic_gpu")
+        with pytest.raises(ValueError, match="sm90"):
+            flash_gpu_kernel((q,), (k,), v, platform="mosaic_gpu")
 
 
 def test_hopper_mla_splits_fill_whole_waves_and_skip_the_combine():

@@ -69,7 +69,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     if backend.kind == "xla":
         return flash_attention_reference(qs, ks, v, q_positions, q_segments, k_positions, k_segments, scale=scale,
                                          window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
-    kind = _gpu_kind(backend, platform, qs, ks, v, blocks) if backend.kind == "gpu" else backend.kind
+    kind = gpu_kernel(qs, ks, v, blocks, platform, backend.interpret) if backend.kind == "gpu" else backend.kind
     if kind == "mosaic_gpu":
         blocks = blocks or hopper.default_blocks(window)
         if blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64:
@@ -106,8 +106,9 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     return shard(*qs, *ks, v, sinks, *ints)[0]
 
 
-def _gpu_kind(backend, platform, qs, ks, v, blocks) -> str:
-    """"mosaic_gpu" where the Mosaic GPU forward runs these inputs, else "gpu" (Triton)."""
+def gpu_kernel(qs, ks, v, blocks=None, platform: str | None = None, interpret: bool = False) -> str:
+    """Which GPU forward flash_attention runs for these inputs: "mosaic_gpu" (hopper.py) on an sm90 GPU where
+    it applies or when asked for (an error where it cannot run), else "gpu" (Triton)."""
     if platform == "gpu":
         return "gpu"
     block_k = blocks[1] if blocks else hopper.BLOCK_K
@@ -115,12 +116,12 @@ def _gpu_kind(backend, platform, qs, ks, v, blocks) -> str:
     if platform == "mosaic_gpu":
         if refusal:
             raise ValueError(f"the Mosaic GPU flash attention forward does not run these inputs: {refusal}")
-        if not (backend.interpret or mosaic_gpu.available()):
+        if not (interpret or mosaic_gpu.available()):
             raise ValueError("the Mosaic GPU flash attention forward needs an sm90 (Hopper) GPU; platform='gpu' runs "
                              "the Triton kernels")
         return "mosaic_gpu"
     triton_blocks = blocks is not None and (blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64)
-    usable = not backend.interpret and refusal is None and not triton_blocks and mosaic_gpu.available()
+    usable = not interpret and refusal is None and not triton_blocks and mosaic_gpu.available()
     return "mosaic_gpu" if usable else "gpu"
 
 

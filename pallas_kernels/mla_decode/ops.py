@@ -93,13 +93,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
                                       interpret=backend.interpret)
         return combine_splits(partial, lse)
     blocks = block_table.shape[1]
-    refusal = hopper.supports(heads, rank, rope, block, dtype)
-    if platform == "mosaic_gpu" and refusal:
-        raise ValueError(f"the Mosaic GPU MLA decode kernel does not take these shapes: {refusal}")
-    if platform == "mosaic_gpu" and not (backend.interpret or mosaic_gpu.available()):
-        raise ValueError("the Mosaic GPU MLA decode kernel needs an sm90 (Hopper) GPU; platform='gpu' runs Triton's")
-    on_hopper = platform == "mosaic_gpu" or (platform is None and not backend.interpret and refusal is None
-                                             and mosaic_gpu.available())
+    on_hopper = gpu_kernel(heads, rank, rope, block, dtype, platform, backend.interpret) == "mosaic_gpu"
     if splits is None:
         splits = (hopper.default_splits(batch, heads, blocks * block, rank, rope) if on_hopper
                   else default_splits(batch, blocks * block, block))
@@ -118,6 +112,22 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         lengths, block_table, scale=scale, block=block, splits=splits, split_len=split_len, head_block=head_block,
         interpret=backend.interpret)
     return combine_splits(partial, lse)[:, :heads, :rank]
+
+
+def gpu_kernel(heads, rank, rope, block, dtype, platform: str | None = None, interpret: bool = False) -> str:
+    """Which GPU kernel mla_decode runs for these shapes: "mosaic_gpu" (hopper.py) on an sm90 GPU where it
+    applies or when asked for (an error where it cannot run), else "gpu" (Triton)."""
+    if platform == "gpu":
+        return "gpu"
+    refusal = hopper.supports(heads, rank, rope, block, dtype)
+    if platform == "mosaic_gpu":
+        if refusal:
+            raise ValueError(f"the Mosaic GPU MLA decode kernel does not take these shapes: {refusal}")
+        if not (interpret or mosaic_gpu.available()):
+            raise ValueError("the Mosaic GPU MLA decode kernel needs an sm90 (Hopper) GPU; platform='gpu' runs "
+                             "Triton's")
+        return "mosaic_gpu"
+    return "mosaic_gpu" if not interpret and refusal is None and mosaic_gpu.available() else "gpu"
 
 
 def latent_decode(q_lat, q_pe, c, k_pe, lengths, v_up, *, scale: float, block_table=None, impl: str = "auto",
