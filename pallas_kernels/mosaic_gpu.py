@@ -27,6 +27,20 @@ def available() -> bool:
     return device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
 
 
+def pick(what: str, platform: str | None, refusal: str | None, interpret: bool, preferred: bool = True) -> str:
+    """Which GPU kernel runs: "mosaic_gpu" where the Hopper kernel takes the inputs (`refusal` None: its
+    supports()) on an sm90 GPU and is `preferred`, or where platform="mosaic_gpu" asks for it (an error naming
+    `what` and the reason where it cannot run); else "gpu" (Triton)."""
+    if platform == "mosaic_gpu":
+        if refusal:
+            raise ValueError(f"the Mosaic GPU {what} does not take these inputs: {refusal}")
+        if not (interpret or available()):
+            raise ValueError(f"the Mosaic GPU {what} needs an sm90 (Hopper) GPU; platform='gpu' runs the Triton one")
+        return "mosaic_gpu"
+    usable = platform is None and not interpret and refusal is None and preferred and available()
+    return "mosaic_gpu" if usable else "gpu"
+
+
 def softmax_finish(running_max, total):
     """A row's online softmax finished (running max in base 2, the kernels' convention): the factor that
     normalises its output and its log-sum-exp in base e; a row that saw nothing gets factor 0 and MASKED (so

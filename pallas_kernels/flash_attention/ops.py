@@ -109,20 +109,9 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
 def gpu_kernel(qs, ks, v, blocks=None, platform: str | None = None, interpret: bool = False) -> str:
     """Which GPU forward flash_attention runs for these inputs: "mosaic_gpu" (hopper.py) on an sm90 GPU where
     it applies or when asked for (an error where it cannot run), else "gpu" (Triton)."""
-    if platform == "gpu":
-        return "gpu"
-    block_k = blocks[1] if blocks else hopper.BLOCK_K
-    refusal = hopper.supports(qs, ks, v, block_k)
-    if platform == "mosaic_gpu":
-        if refusal:
-            raise ValueError(f"the Mosaic GPU flash attention forward does not run these inputs: {refusal}")
-        if not (interpret or mosaic_gpu.available()):
-            raise ValueError("the Mosaic GPU flash attention forward needs an sm90 (Hopper) GPU; platform='gpu' runs "
-                             "the Triton kernels")
-        return "mosaic_gpu"
-    triton_blocks = blocks is not None and (blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64)
-    usable = not interpret and refusal is None and not triton_blocks and mosaic_gpu.available()
-    return "mosaic_gpu" if usable else "gpu"
+    refusal = hopper.supports(qs, ks, v, blocks[1] if blocks else hopper.BLOCK_K)
+    hopper_blocks = blocks is None or (blocks[0] == hopper.PROGRAM_ROWS and blocks[1] % 64 == 0)
+    return mosaic_gpu.pick("flash attention forward", platform, refusal, interpret, preferred=hopper_blocks)
 
 
 def _check_shapes(qs, ks, v, q_pos, q_seg, k_pos, k_seg, sink_logits):

@@ -117,17 +117,8 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
 def gpu_kernel(heads, rank, rope, block, dtype, platform: str | None = None, interpret: bool = False) -> str:
     """Which GPU kernel mla_decode runs for these shapes: "mosaic_gpu" (hopper.py) on an sm90 GPU where it
     applies or when asked for (an error where it cannot run), else "gpu" (Triton)."""
-    if platform == "gpu":
-        return "gpu"
     refusal = hopper.supports(heads, rank, rope, block, dtype)
-    if platform == "mosaic_gpu":
-        if refusal:
-            raise ValueError(f"the Mosaic GPU MLA decode kernel does not take these shapes: {refusal}")
-        if not (interpret or mosaic_gpu.available()):
-            raise ValueError("the Mosaic GPU MLA decode kernel needs an sm90 (Hopper) GPU; platform='gpu' runs "
-                             "Triton's")
-        return "mosaic_gpu"
-    return "mosaic_gpu" if not interpret and refusal is None and mosaic_gpu.available() else "gpu"
+    return mosaic_gpu.pick("MLA decode kernel", platform, refusal, interpret)
 
 
 def latent_decode(q_lat, q_pe, c, k_pe, lengths, v_up, *, scale: float, block_table=None, impl: str = "auto",
