@@ -4,12 +4,12 @@ zoo/pallas_kernels/mla_decode/hopper.py), and this sums them per warpgroup.
 
     python bench/mla_decode_profile.py --batch 128 --context 2048 --out profile.json
 
-Prints, per warpgroup (0 and 1 compute, 2 memory), each region's exclusive time (its own, less the regions
-nested in it) per program and how often it was entered, the time outside every region, and the programs'
-span (first to last event); means over programs. Times are in thousands of SM clock cycles (the profiler
-reads %clock). The profiler's buffer lives in shared memory next to the kernel's, so the
-walk is kept short (--context) and regions past the buffer (--space ranges a warpgroup) are dropped. The
-kernel is also timed with the profiler off, on the same inputs. Same shapes as bench/attention_kernels.py.
+Prints, per warpgroup (hopper.WARPGROUPS: 0 and 1 compute, 2 memory), each region's exclusive time (its
+own, less the regions nested in it) per program and how often it was entered, the time outside every
+region, and the programs' span (first to last event); means over programs. Times are in thousands of SM
+clock cycles (the profiler reads %clock). The profiler's buffer lives in shared memory next to the kernel's,
+so the walk is kept short (--context) and regions past the buffer (--space ranges a warpgroup) are dropped.
+The kernel is also timed with the profiler off, on the same inputs. Same shapes as bench/attention_kernels.py.
 The profile comes back through a host callback: run with JAX_PLATFORMS=cuda,cpu.
 """
 
@@ -32,19 +32,16 @@ from attention_kernels import HEADS, RANK, ROPE  # noqa: E402
 from scan_kernels import time_jax  # noqa: E402
 from zoo.pallas_kernels.mla_decode import hopper, mla_decode  # noqa: E402
 
-WARPGROUPS = 3
-
-
 def summarize(trace: dict) -> dict:
     """Per warpgroup: each region's mean exclusive kilocycles per program and entries ('<name> count'),
     'outside' and 'span'."""
     by_trace = collections.defaultdict(list)
     for event in trace["traceEvents"]:
         by_trace[event["tid"]].append(event)
-    totals = [collections.defaultdict(float) for _ in range(WARPGROUPS)]
-    programs = [0] * WARPGROUPS
+    totals = [collections.defaultdict(float) for _ in range(hopper.WARPGROUPS)]
+    programs = [0] * hopper.WARPGROUPS
     for tid, events in by_trace.items():
-        wg = (tid - 1) % WARPGROUPS
+        wg = (tid - 1) % hopper.WARPGROUPS
         programs[wg] += 1
         stack, inside = [], 0.0
         for event in events:
@@ -63,7 +60,7 @@ def summarize(trace: dict) -> dict:
         totals[wg]["span"] += span
         totals[wg]["outside"] += span - inside
     return {f"warpgroup {wg}": {name: round(value / max(programs[wg], 1), 3) for name, value in sorted(totals[wg].items())}
-            for wg in range(WARPGROUPS)}
+            for wg in range(hopper.WARPGROUPS)}
 
 
 def main():

@@ -32,6 +32,7 @@ from zoo.pallas_kernels.tiles import F32, MASKED
 HEADS = 64  # heads per program: one wgmma M
 PAGE = 64  # slots per step: the page size of the cache this kernel reads
 STAGES = 2
+WARPGROUPS = 3  # scores, softmax and one output half; the other half; memory
 COMPILER_PARAMS = {"approx_math": True}  # bench/mla_decode_profile.py adds the on-device profiler's
 
 
@@ -228,7 +229,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
         grid_names=("groups", "splits", "rows"),
         cluster=(cluster,) if cluster > 1 else (),
         cluster_names=("cluster",) if cluster > 1 else (),
-        num_threads=3,
+        num_threads=WARPGROUPS,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(**COMPILER_PARAMS),
         interpret=interpret_params(interpret),
