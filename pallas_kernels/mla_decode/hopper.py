@@ -2,17 +2,14 @@
 
 With all 128 heads of DeepSeek-V2/V3 on one GPU the step is compute-bound (2 * 128 * (2R + P) flops per
 slot read, R = 512, P = 64), and Triton's matmuls on 32-head tiles stay near a third of the tensor cores'
-peak (gpu.py). Here a program owns 64 heads (one wgmma M) of one row and one split of its slots, with
-FlashMLA's split of the work: the latent accumulator [64, R] float32 does not fit one warpgroup's registers,
-so two warpgroups hold half of its columns each, and a third computes each page's scores [64, PAGE]
-(q_lat c^T + q_pe k_pe^T, two wgmma into one accumulator) and the online softmax, and publishes in shared
-memory the probabilities (16-bit, in the page's RoPE-key buffer, spent by then) and the rescale factor; the
-two others add probs @ c[:, their half] to their half of the output. So the scores and softmax of page t + 1
-run while the product of page t does: the scores' matmul takes all of shared memory's bandwidth and the
-softmax none, and the tensor cores are busy through both (bench/mla_decode_profile.py shows the warpgroups'
-time). The first output warpgroup also streams the pages named by the block table into a ring of two stages
-with TMA, reloading a stage as soon as both halves are done with it; the programs of a row's head groups run
-in pairs as a cluster, which loads each page once and multicasts it to both.
+peak (gpu.py). Here a program owns 64 heads (one wgmma M) of one row and one split of its slots, as in
+FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's registers, so two compute
+warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
+two wgmma into one accumulator) and the online softmax, and publishes in shared memory the probabilities
+(bf16, in the page's RoPE-key buffer, spent by then) and the rescale factors; both then add
+probs @ c[:, their half] to their half of the output. A memory warpgroup streams the pages named by the block
+table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a cluster, which
+loads each page once and multicasts it to both.
 
 Slots at or past the row's length are masked in the last page; pages past it are never read. Outputs are
 each split's normalised latent output and log-sum-exp (splits.split_result's convention), combined in
@@ -35,7 +32,7 @@ from zoo.pallas_kernels.tiles import F32, MASKED
 HEADS = 64  # heads per program: one wgmma M
 PAGE = 64  # slots per step: the page size of the cache this kernel reads
 STAGES = 2
-WARPGROUPS = 3  # scores and softmax; the output's two halves (the first also streams the pages)
+WARPGROUPS = 3  # scores, softmax and one output half; the other half; memory
 COMPILER_PARAMS = {"approx_math": True}  # bench/mla_decode_profile.py adds the on-device profiler's
 
 
@@ -104,108 +101,106 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
         def scoped(q_lat_smem, q_pe_smem, c_smem, pe_smem, rescale_smem, norm_smem, lse_smem, q_bar, page_bar,
                    page_free, probs_ready, norm_ready):
             wg = lax.axis_index("wg")
-            column_half = pl.ds((wg - 1) * half, half)  # of an output warpgroup (1 or 2)
+
+            @jax.named_scope("add_page")
+            def add_page(acc, slot, rescale):  # acc * rescale + probs @ c[:, this warpgroup's half]
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
+                return accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], interpret)
+
+            def finish(acc, scale_rows):
+                o_ref.at[row, split, heads_here, pl.ds(wg * half, half)][...] = acc * lax.broadcast_in_dim(
+                    scale_rows, acc.shape, [0])
 
             @pl.when(wg == 0)
-            def _scores():
-                plgpu.set_max_registers(200, action="increase")
+            def _scores_and_half():
+                plgpu.set_max_registers(232, action="increase")
                 plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
                 plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
                 plgpu.barrier_wait(q_bar)
-                # The scores' left operand from registers (GPU interpret mode has none: there it stays in shared memory)
-                q_lat = q_lat_smem if interpret else plgpu.load(q_lat_smem, layout=plgpu.Layout.WGMMA)
 
                 def step(t, carry):
-                    running_max, total = carry
+                    acc, running_max, total = carry
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_page"):
                         plgpu.barrier_wait(page_bar.at[slot])
 
                     def scores(acc_ref):
-                        plgpu.wgmma(acc_ref, q_lat, c_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, q_lat_smem, c_smem.at[slot].T)
                         plgpu.wgmma(acc_ref, q_pe_smem, pe_smem.at[slot].T)
                         return acc_ref[...]
 
                     with jax.named_scope("scores"):
                         s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
+                    slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
+                                                                       layout=plgpu.Layout.WGMMA)
                     with jax.named_scope("softmax"):
-                        slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
-                                                                           layout=plgpu.Layout.WGMMA)
                         s = jnp.where(slots < stop, s, -jnp.inf)
                         new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
                         rescale = jnp.exp2(running_max - new_max)
                         probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
                         total = total * rescale + probs.sum(axis=1)
-                        # The page's RoPE keys are spent: their buffer takes the probabilities (the same
-                        # [64, 64] 16-bit tile), so no buffer of their own is needed and the stage ring orders
-                        # their reuse.
+                        # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
+                        # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
                         pe_smem.at[slot][...] = probs.astype(dtype)
                         rescale_smem.at[slot][...] = rescale
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(probs_ready.at[slot])
-                    return new_max, total
+                    acc = add_page(acc, slot, rescale)
+                    plgpu.barrier_arrive(page_free.at[slot])
+                    return acc, new_max, total
 
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
                 running_max = plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS)
                 total = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
-                running_max, total = lax.fori_loop(0, count, step, (running_max, total))
+                acc, running_max, total = lax.fori_loop(0, count, step, (acc, running_max, total))
                 scale_rows, lse = softmax_finish(running_max, total)
-                norm_smem[...] = scale_rows
+                norm_smem[...] = scale_rows  # the other half's normalisation
                 lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(norm_ready)
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])
+                finish(acc, scale_rows)
                 plgpu.wait_smem_to_gmem(0)
 
-            def load(t):  # page t of the split into its stage
-                slot = lax.rem(t, STAGES)
-                page = table_ref[row, lax.div(start, jnp.int32(PAGE)) + t]
-                plgpu.copy_gmem_to_smem(c_ref.at[page], c_smem.at[slot], page_bar.at[slot], collective_axes=shared)
-                plgpu.copy_gmem_to_smem(k_pe_ref.at[page], pe_smem.at[slot], page_bar.at[slot], collective_axes=shared)
-
-            @pl.when((wg == 1) | (wg == 2))
-            def _output_half():
-                plgpu.set_max_registers(152, action="decrease")
-                streams = wg == 1  # reloads each stage once both halves are done with it
-
-                @pl.when(streams)
-                def _():
-                    for t in range(STAGES):
-                        pl.when(t < count)(lambda t=t: load(t))
-
-                @jax.named_scope("add_page")
-                def add_page(acc, slot):  # acc * rescale + probs @ c[:, this warpgroup's half]
-                    rescale = plgpu.load(rescale_smem.at[slot], layout=ROWS)
-                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-                    return accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, column_half], interpret)
+            @pl.when(wg == 1)
+            def _other_half():
+                plgpu.set_max_registers(232, action="increase")
 
                 def step(t, acc):
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_published"):
                         plgpu.barrier_wait(probs_ready.at[slot])
-                    acc = add_page(acc, slot)
+                    acc = add_page(acc, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
                     plgpu.barrier_arrive(page_free.at[slot])
-
-                    @pl.when(streams & (t + STAGES < count))
-                    def _():
-                        with jax.named_scope("wait_free"):
-                            plgpu.barrier_wait(page_free.at[slot])
-                        load(t + STAGES)
-
                     return acc
 
                 acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
                 acc = lax.fori_loop(0, count, step, acc)
-
-                @pl.when(streams)
-                def _():
-                    for t in range(STAGES):  # the last releases: every barrier phase is waited for once
-                        @pl.when(count - STAGES + t >= 0)
-                        def _():
-                            plgpu.barrier_wait(page_free.at[lax.rem(count - STAGES + t, STAGES)])
-
                 plgpu.barrier_wait(norm_ready)
-                o_ref.at[row, split, heads_here, column_half][...] = acc * lax.broadcast_in_dim(
-                    plgpu.load(norm_smem, layout=ROWS), acc.shape, [0])
+                finish(acc, plgpu.load(norm_smem, layout=ROWS))
+
+            @pl.when(wg == 2)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+
+                @pl.loop(0, count)
+                def _(t):
+                    slot = lax.rem(t, STAGES)
+                    page = table_ref[row, lax.div(start, jnp.int32(PAGE)) + t]  # read before the wait
+
+                    @pl.when(t >= STAGES)
+                    def _():
+                        with jax.named_scope("wait_free"):
+                            plgpu.barrier_wait(page_free.at[slot])
+
+                    plgpu.copy_gmem_to_smem(c_ref.at[page], c_smem.at[slot], page_bar.at[slot], collective_axes=shared)
+                    plgpu.copy_gmem_to_smem(k_pe_ref.at[page], pe_smem.at[slot], page_bar.at[slot],
+                                            collective_axes=shared)
+
+                for t in range(STAGES):  # the last releases: every barrier phase is waited for once
+                    @pl.when(count - STAGES + t >= 0)
+                    def _():
+                        plgpu.barrier_wait(page_free.at[lax.rem(count - STAGES + t, STAGES)])
 
         pl.run_scoped(
             scoped,
@@ -218,7 +213,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
             plgpu.SMEM((HEADS,), F32),
             plgpu.Barrier(num_arrivals=2),  # the queries
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a page (latent and RoPE parts)
-            # ... released by both output warpgroups (of every program that the page is multicast to)
+            # ... released by both compute warpgroups (of every program that the page is multicast to)
             plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=2, num_barriers=STAGES) if cluster > 1
             else plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
             plgpu.Barrier(num_barriers=STAGES),  # a page's probabilities and rescale published
