@@ -111,105 +111,55 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                 o_ref.at[row, split, heads_here, pl.ds(wg * half, half)][...] = acc * lax.broadcast_in_dim(
                     scale_rows, acc.shape, [0])
 
-            def scores_into(s_ref, slot):
-                plgpu.wgmma(s_ref, q_lat_smem, c_smem.at[slot].T)
-                plgpu.wgmma(s_ref, q_pe_smem, pe_smem.at[slot].T)
+            @pl.when(wg == 0)
+            def _scores_and_half():
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
+                plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
+                plgpu.barrier_wait(q_bar)
 
-            @jax.named_scope("softmax")
-            def softmax_publish(s, t, running_max, total):
-                """Page t's online-softmax step; its probabilities and rescale factor go to shared memory."""
-                slot = lax.rem(t, STAGES)
-                slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
-                                                                   layout=plgpu.Layout.WGMMA)
-                s = jnp.where(slots < stop, s, -jnp.inf)
-                new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
-                rescale = jnp.exp2(running_max - new_max)
-                probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
-                total = total * rescale + probs.sum(axis=1)
-                # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
-                # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
-                pe_smem.at[slot][...] = probs.astype(dtype)
-                rescale_smem.at[slot][...] = rescale
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(probs_ready.at[slot])
-                return new_max, total, rescale
+                def step(t, carry):
+                    acc, running_max, total = carry
+                    slot = lax.rem(t, STAGES)
+                    with jax.named_scope("wait_page"):
+                        plgpu.barrier_wait(page_bar.at[slot])
 
-            def own_product(acc_ref, slot):
-                plgpu.wgmma(acc_ref, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)])
+                    def scores(acc_ref):
+                        plgpu.wgmma(acc_ref, q_lat_smem, c_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, q_pe_smem, pe_smem.at[slot].T)
+                        return acc_ref[...]
 
-            def write_lse(running_max, total):
+                    with jax.named_scope("scores"):
+                        s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
+                    slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
+                                                                       layout=plgpu.Layout.WGMMA)
+                    with jax.named_scope("softmax"):
+                        s = jnp.where(slots < stop, s, -jnp.inf)
+                        new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
+                        rescale = jnp.exp2(running_max - new_max)
+                        probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+                        total = total * rescale + probs.sum(axis=1)
+                        # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
+                        # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
+                        pe_smem.at[slot][...] = probs.astype(dtype)
+                        rescale_smem.at[slot][...] = rescale
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(probs_ready.at[slot])
+                    acc = add_page(acc, slot, rescale)
+                    plgpu.barrier_arrive(page_free.at[slot])
+                    return acc, new_max, total
+
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
+                running_max = plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS)
+                total = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
+                acc, running_max, total = lax.fori_loop(0, count, step, (acc, running_max, total))
                 scale_rows, lse = softmax_finish(running_max, total)
                 norm_smem[...] = scale_rows  # the other half's normalisation
                 lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(norm_ready)
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])
-                return scale_rows
-
-            @pl.when((wg == 0) & (count == 0))
-            def _nothing_to_read():
-                empty = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
-                finish(plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA),
-                       write_lse(plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS), empty))
-                plgpu.wait_smem_to_gmem(0)
-
-            @pl.when((wg == 0) & (count > 0))
-            def _scores_and_half():
-                # Software-pipelined as in FlashAttention-3: the scores of page t + 1 are issued before this
-                # half's product of page t, and the softmax of page t + 1 runs while that product is on the
-                # tensor cores.
-                plgpu.set_max_registers(232, action="increase")
-                plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
-                plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
-                plgpu.barrier_wait(q_bar)
-
-                def first_scores(s_ref):
-                    scores_into(s_ref, 0)
-                    return s_ref[...]
-
-                with jax.named_scope("wait_page"):
-                    plgpu.barrier_wait(page_bar.at[0])
-                with jax.named_scope("scores"):
-                    s = pl.run_scoped(first_scores, plgpu.ACC((HEADS, PAGE), F32))
-                running_max, total, rescale = softmax_publish(
-                    s, 0, plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS),
-                    plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS))
-
-                def step(t, carry):  # page t's product, page t + 1's scores and softmax
-                    acc, running_max, total, rescale = carry
-                    slot, next_slot = lax.rem(t, STAGES), lax.rem(t + 1, STAGES)
-                    with jax.named_scope("wait_page"):
-                        plgpu.barrier_wait(page_bar.at[next_slot])
-                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-                    if interpret:  # no run_state there: the same sums, one after the other
-                        s = pl.run_scoped(lambda s_ref: (scores_into(s_ref, next_slot), s_ref[...])[1],
-                                          plgpu.ACC((HEADS, PAGE), F32))
-                        state = softmax_publish(s, t + 1, running_max, total)
-                        acc = accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], True)
-                    else:
-                        def overlapped(refs):
-                            acc_ref, s_ref, max_ref, total_ref, rescale_ref = refs
-                            with jax.named_scope("scores"):
-                                scores_into(s_ref, next_slot)
-                                own_product(acc_ref, slot)
-                                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                            new_max, new_total, new_rescale = softmax_publish(s, t + 1, max_ref[...], total_ref[...])
-                            max_ref[...] = new_max
-                            total_ref[...] = new_total
-                            rescale_ref[...] = new_rescale
-
-                        zeros = plgpu.layout_cast(jnp.zeros((HEADS, PAGE), F32), plgpu.Layout.WGMMA)
-                        acc, _, *state = pl.run_state(overlapped)(
-                            (plgpu.ACC.init(acc), plgpu.ACC.init(zeros), running_max, total, rescale))
-                    plgpu.barrier_arrive(page_free.at[slot])
-                    return acc, *state
-
-                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
-                acc, running_max, total, rescale = lax.fori_loop(0, count - 1, step, (acc, running_max, total, rescale))
-                last = lax.rem(count - 1, STAGES)
-                acc = add_page(acc, last, rescale)
-                plgpu.barrier_arrive(page_free.at[last])
-                finish(acc, write_lse(running_max, total))
+                finish(acc, scale_rows)
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == 1)
