@@ -111,101 +111,55 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                 o_ref.at[row, split, heads_here, pl.ds(wg * half, half)][...] = acc * lax.broadcast_in_dim(
                     scale_rows, acc.shape, [0])
 
-            def scores_into(s_ref, slot):
-                plgpu.wgmma(s_ref, q_lat_smem, c_smem.at[slot].T)
-                plgpu.wgmma(s_ref, q_pe_smem, pe_smem.at[slot].T)
+            @pl.when(wg == 0)
+            def _scores_and_half():
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
+                plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
+                plgpu.barrier_wait(q_bar)
 
-            @jax.named_scope("softmax")
-            def softmax_publish(s, t, running_max, total):
-                """Page t's online-softmax step; its probabilities and rescale factor go to shared memory."""
-                slot = lax.rem(t, STAGES)
+                def step(t, carry):
+                    acc, running_max, total = carry
+                    slot = lax.rem(t, STAGES)
+                    with jax.named_scope("wait_page"):
+                        plgpu.barrier_wait(page_bar.at[slot])
 
-                def mask(s):  # only the last page can reach past the row's length
+                    def scores(acc_ref):
+                        plgpu.wgmma(acc_ref, q_lat_smem, c_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, q_pe_smem, pe_smem.at[slot].T)
+                        return acc_ref[...]
+
+                    with jax.named_scope("scores"):
+                        s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
                     slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
                                                                        layout=plgpu.Layout.WGMMA)
-                    return jnp.where(slots < stop, s, -jnp.inf)
+                    with jax.named_scope("softmax"):
+                        s = jnp.where(slots < stop, s, -jnp.inf)
+                        new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
+                        rescale = jnp.exp2(running_max - new_max)
+                        probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+                        total = total * rescale + probs.sum(axis=1)
+                        # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
+                        # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
+                        pe_smem.at[slot][...] = probs.astype(dtype)
+                        rescale_smem.at[slot][...] = rescale
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(probs_ready.at[slot])
+                    acc = add_page(acc, slot, rescale)
+                    plgpu.barrier_arrive(page_free.at[slot])
+                    return acc, new_max, total
 
-                s = lax.cond(start + (t + 1) * PAGE > stop, mask, lambda s: s, s)
-                new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
-                rescale = jnp.exp2(running_max - new_max)
-                probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
-                # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
-                # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
-                pe_smem.at[slot][...] = probs.astype(dtype)
-                rescale_smem.at[slot][...] = rescale
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(probs_ready.at[slot])
-                total = total * rescale + probs.sum(axis=1)
-                return new_max, total, rescale
-
-            def write_lse(running_max, total):
+                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
+                running_max = plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS)
+                total = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
+                acc, running_max, total = lax.fori_loop(0, count, step, (acc, running_max, total))
                 scale_rows, lse = softmax_finish(running_max, total)
                 norm_smem[...] = scale_rows  # the other half's normalisation
                 lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(norm_ready)
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, split, heads_here])
-                return scale_rows
-
-            def first_scores(s_ref):
-                scores_into(s_ref, 0)
-                return s_ref[...]
-
-            @pl.when((wg == 0) & (count == 0))
-            def _nothing_to_read():
-                empty = plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS)
-                finish(plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA),
-                       write_lse(plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS), empty))
-                plgpu.wait_smem_to_gmem(0)
-
-            @pl.when((wg == 0) & (count > 0))
-            def _scores_and_half():
-                # This half's product of page t and the scores of page t + 1 go to the tensor cores back to
-                # back; the page is released as soon as the product is done.
-                plgpu.set_max_registers(232, action="increase")
-                plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
-                plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
-                plgpu.barrier_wait(q_bar)
-                with jax.named_scope("wait_page"):
-                    plgpu.barrier_wait(page_bar.at[0])
-                with jax.named_scope("scores"):
-                    s = pl.run_scoped(first_scores, plgpu.ACC((HEADS, PAGE), F32))
-                running_max, total, rescale = softmax_publish(
-                    s, 0, plgpu.layout_cast(jnp.full((HEADS,), MASKED, F32), ROWS),
-                    plgpu.layout_cast(jnp.zeros((HEADS,), F32), ROWS))
-
-                def step(t, carry):  # page t's product, page t + 1's scores and softmax
-                    acc, running_max, total, rescale = carry
-                    slot, next_slot = lax.rem(t, STAGES), lax.rem(t + 1, STAGES)
-                    acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-                    if interpret:  # no run_state there: the same sums, one after the other
-                        acc = accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], True)
-                        plgpu.barrier_arrive(page_free.at[slot])
-                        plgpu.barrier_wait(page_bar.at[next_slot])
-                        s = pl.run_scoped(lambda s_ref: (scores_into(s_ref, next_slot), s_ref[...])[1],
-                                          plgpu.ACC((HEADS, PAGE), F32))
-                    else:
-                        def back_to_back(refs):
-                            acc_ref, s_ref = refs
-                            with jax.named_scope("add_page"):
-                                plgpu.wgmma(acc_ref, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)])
-                            with jax.named_scope("wait_page"):
-                                plgpu.barrier_wait(page_bar.at[next_slot])
-                            with jax.named_scope("scores"):
-                                scores_into(s_ref, next_slot)
-                                plgpu.wgmma_wait(2)  # the product
-                                plgpu.barrier_arrive(page_free.at[slot])
-
-                        zeros = plgpu.layout_cast(jnp.zeros((HEADS, PAGE), F32), plgpu.Layout.WGMMA)
-                        acc, s = pl.run_state(back_to_back)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
-                    return acc, *softmax_publish(s, t + 1, running_max, total)
-
-                acc = plgpu.layout_cast(jnp.zeros((HEADS, half), F32), plgpu.Layout.WGMMA)
-                acc, running_max, total, rescale = lax.fori_loop(0, count - 1, step, (acc, running_max, total, rescale))
-                last = lax.rem(count - 1, STAGES)
-                acc = add_page(acc, last, rescale)
-                plgpu.barrier_arrive(page_free.at[last])
-                finish(acc, write_lse(running_max, total))
+                finish(acc, scale_rows)
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == 1)
