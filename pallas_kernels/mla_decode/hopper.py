@@ -131,20 +131,24 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
                     with jax.named_scope("scores"):
                         s = pl.run_scoped(scores, plgpu.ACC((HEADS, PAGE), F32))
-                    slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
-                                                                       layout=plgpu.Layout.WGMMA)
+
+                    def mask(s):
+                        slots = start + t * PAGE + plgpu.broadcasted_iota(jnp.int32, (HEADS, PAGE), 1,
+                                                                           layout=plgpu.Layout.WGMMA)
+                        return jnp.where(slots < stop, s, -jnp.inf)
+
                     with jax.named_scope("softmax"):
-                        s = jnp.where(slots < stop, s, -jnp.inf)
+                        s = lax.cond(start + (t + 1) * PAGE > stop, mask, lambda s: s, s)  # the last page only
                         new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
                         rescale = jnp.exp2(running_max - new_max)
                         probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
-                        total = total * rescale + probs.sum(axis=1)
                         # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
                         # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
                         pe_smem.at[slot][...] = probs.astype(dtype)
                         rescale_smem.at[slot][...] = rescale
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(probs_ready.at[slot])
+                        total = total * rescale + probs.sum(axis=1)  # after the hand-off: not on the other half's path
                     acc = add_page(acc, slot, rescale)
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc, new_max, total
