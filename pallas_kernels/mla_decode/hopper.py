@@ -18,7 +18,6 @@ ops.py.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
