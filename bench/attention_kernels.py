@@ -16,7 +16,9 @@ zoo.layers.mla.latent_attention on the same bf16 arrays. Achieved GB/s counts th
 cache read once (c and k_pe), queries read and outputs written once; TFLOP/s counts 2 * H * context *
 (2R + P) per row. GQA shape as Llama-3-8B: 32 query heads, 8 key heads of 128, bf16 cache [B, S, 8, 128]
 full to the context; GB/s counts keys and values read once. Timing: two untimed calls, then median of
-`--repeats` groups of 10 calls.
+`--repeats` groups of 10 calls. power_capped_fraction: the share of the MLA kernel's timing during which the
+driver capped the clocks for power (nvidia-smi's counter); the 128-head kernel is compute-bound, so its time
+moves with it (bench/device_trace.py gives device times without host dispatch).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_kernels import ceilings, time_jax  # noqa: E402
+from scan_kernels import ceilings, power_capped_fraction, time_jax  # noqa: E402
 from zoo.layers.mla import latent_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import decode_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import gpu as decode_gpu  # noqa: E402
@@ -75,10 +77,17 @@ def measure(batch, context, repeats, **kernel_args):
     args = inputs(batch, context)
     scale = (RANK + ROPE) ** -0.5  # any scale: the timing does not depend on it
     ours = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl="pallas", **kernel_args))
-    seconds = time_jax(ours, *args, repeats=repeats)
+    seconds = None
+
+    def timed():
+        nonlocal seconds
+        seconds = time_jax(ours, *args, repeats=repeats)
+
+    capped = power_capped_fraction(timed)
     record = {"batch": batch, "context": context, "heads": HEADS, "rank": RANK, "rope": ROPE, "dtype": "bfloat16",
               "zoo_pallas_ms": 1e3 * seconds, "zoo_pallas_GBps": traffic_bytes(batch, context) / seconds / 1e9,
-              "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, **kernel_args,
+              "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, "power_capped_fraction": capped,
+              **kernel_args,
               "warps": gpu.WARPS, "stages": gpu.STAGES}
     return record, ours, args, scale
 

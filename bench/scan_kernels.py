@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import subprocess
 import time
 
 import jax
@@ -52,6 +54,24 @@ def time_jax(fn, *args, repeats: int) -> float:
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / 10)
     return statistics.median(samples)
+
+
+def power_capped_fraction(fn, *args) -> float | None:
+    """The share of the wall time of fn(*args) that the driver spent capping the GPU's clocks for power
+    (nvidia-smi's "SW Power Capping" counter); None without nvidia-smi. Compute-bound kernels slow with it."""
+    def counter():
+        try:
+            report = subprocess.run(["nvidia-smi", "-q", "-d", "PERFORMANCE", "-i", "0"], capture_output=True,
+                                    text=True, timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        found = re.search(r"SW Power Capping\s*:\s*(\d+)\s*us", report.split("Counters", 1)[-1])
+        return int(found[1]) if found else None
+
+    before, start = counter(), time.perf_counter()
+    fn(*args)
+    after, seconds = counter(), time.perf_counter() - start
+    return None if before is None or after is None else (after - before) / 1e6 / seconds
 
 
 def time_torch(fn, repeats: int) -> float:

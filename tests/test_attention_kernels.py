@@ -556,11 +556,12 @@ def test_mosaic_gpu_flash_forward_sends_o_through_the_query_buffer_when_memory_i
 def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, splits):
     """The Mosaic GPU (Hopper) MLA decode kernel: 64 heads a program with the latent output split over two
     warpgroups, two head groups (compiled: one 2-program cluster sharing each page), ragged lengths (one
-    slot, a length ending inside a page, the whole cache), one split (a walk round the stage ring) or 3
-    (some empty for short rows), a contiguous cache and the same cache as a shuffled page pool."""
-    batch, heads, rank, rope, page = 3, 128, 128, 64, mla_hopper.PAGE
-    slots = 4 * page
-    lengths = jnp.asarray([1, int(rng.integers(2 * page + 1, 3 * page)), slots], jnp.int32)
+    slot, a length ending inside a page, more than the cache: its whole, 0: a zero row), clipped in the
+    kernel, one split (a walk round the stage ring) or 3 (some empty for short rows), a contiguous cache
+    and the same cache as a shuffled page pool whose table entries past a row's length point anywhere."""
+    batch, heads, rank, rope, page = 4, 128, 128, 64, mla_hopper.PAGE
+    slots = 5 * page  # 3 splits of 2 pages: the last would walk past the cache but for the clipped length
+    lengths = jnp.asarray([1, int(rng.integers(2 * page + 1, 3 * page)), slots + 9, 0], jnp.int32)
 
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(jnp.bfloat16)
@@ -574,10 +575,13 @@ def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, splits):
         pool = lambda x: jnp.zeros((len(where), page, x.shape[-1]), x.dtype).at[where].set(  # noqa: E731
             x.reshape(len(where), page, -1))
         table = jnp.asarray(where.reshape(batch, -1), jnp.int32)
+        unread = jnp.arange(slots // page)[None, :] * page >= lengths[:, None]
+        table = jnp.where(unread, jnp.asarray([[-1, 10**6, -1, 10**6, -1]]), table)
         out = run(q_lat, q_pe, pool(c), pool(k_pe), lengths, block_table=table)
     else:
         out = run(q_lat, q_pe, c, k_pe, lengths)
     upcast = [x.astype(jnp.float32) for x in (q_lat, q_pe, c, k_pe)]
-    expected = mla_decode_reference(*upcast, lengths, scale=0.1)
+    expected = mla_decode_reference(*upcast, jnp.clip(lengths, 1, slots), scale=0.1)
     assert out.shape == (batch, heads, rank) and out.dtype == jnp.float32
-    assert relative_error(out, expected) < TOLERANCE["bfloat16"]
+    assert float(jnp.max(jnp.abs(out[-1]))) == 0.0
+    assert relative_error(out[:-1], expected[:-1]) < TOLERANCE["bfloat16"]

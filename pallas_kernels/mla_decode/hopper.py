@@ -76,11 +76,14 @@ def default_splits(batch, heads, slots, rank, rope) -> int:
 
 def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, split_len, interpret):
     """q_lat [B, H, R], q_pe [B, H, P] (the cache's dtype); page pools c [N, PAGE, R], k_pe [N, PAGE, P];
-    lengths [B] int32 (clipped to the table); block_table [B, M] int32 (valid pool indices); split_len a
-    multiple of PAGE. Returns per split the normalised output [B, splits, H, R] float32 and log-sum-exp
-    [B, splits, H]."""
+    lengths [B] int32; block_table [B, M] int32, or None for a contiguous cache (row b owns pool pages
+    b * N / B onwards, in order); split_len a multiple of PAGE. Lengths are clipped to the row's slots and table
+    entries to the pool here, in the kernel: no XLA op runs before it. Returns per split the normalised output
+    [B, splits, H, R] float32 and log-sum-exp [B, splits, H]."""
     batch, heads, rank = q_lat.shape
     rope, dtype = q_pe.shape[-1], c.dtype
+    pool_pages = c.shape[0]
+    row_pages = pool_pages // batch if block_table is None else block_table.shape[1]
     half = rank // 2
     score_scale = scale * LOG2E
     # The head groups of a row read the same pages: pairs of them run as a 2-program cluster that loads each
@@ -89,11 +92,13 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
     cluster = 2 if heads // HEADS % 2 == 0 and not interpret else 1
     shared = "cluster" if cluster > 1 else None
 
-    def kernel(lengths_ref, table_ref, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref):
+    def kernel(lengths_ref, *refs):
+        table_ref, (q_lat_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, lse_ref) = (
+            (None, refs) if block_table is None else (refs[0], refs[1:]))
         split, row = lax.axis_index("splits"), lax.axis_index("rows")
         group = lax.axis_index("groups") * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
         start = split * split_len
-        stop = jnp.minimum(start + split_len, lengths_ref[row])
+        stop = jnp.minimum(start + split_len, jnp.clip(lengths_ref[row], 0, row_pages * PAGE))
         count = lax.div(jnp.maximum(stop - start, 0) + PAGE - 1, jnp.int32(PAGE))
         heads_here = pl.ds(group * HEADS, HEADS)
 
@@ -189,7 +194,11 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                 @pl.loop(0, count)
                 def _(t):
                     slot = lax.rem(t, STAGES)
-                    page = table_ref[row, lax.div(start, jnp.int32(PAGE)) + t]  # read before the wait
+                    index = lax.div(start, jnp.int32(PAGE)) + t
+                    if table_ref is None:
+                        page = row * row_pages + index
+                    else:  # read before the wait
+                        page = jnp.clip(table_ref[row, index], 0, pool_pages - 1)
 
                     @pl.when(t >= STAGES)
                     def _():
@@ -237,4 +246,4 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
         compiler_params=plgpu.CompilerParams(**COMPILER_PARAMS),
         interpret=interpret_params(interpret),
     )
-    return run(lengths, block_table, q_lat, q_pe, c, k_pe)
+    return run(lengths, *([] if block_table is None else [block_table]), q_lat, q_pe, c, k_pe)

@@ -67,7 +67,8 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
                          "(or pools c [N, page, R], k_pe [N, page, P] with block_table [B, M]) must agree: "
                          f"{q_lat.shape}, {q_pe.shape}, {c.shape}, {k_pe.shape}, {lengths.shape}"
                          + (f", block_table {block_table.shape}" if paged else ""))
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, slots)
+    raw_lengths = lengths.astype(jnp.int32)  # hopper.py clips in the kernel: no XLA op before it
+    lengths = jnp.clip(raw_lengths, 0, slots)
     backend = dispatch.resolve(impl, "gpu" if platform == "mosaic_gpu" else platform)
     if backend.kind == "xla":
         if paged:
@@ -79,30 +80,30 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     if backend.kind == "tpu" and block % 8:
         raise ValueError(f"the {what} must be a multiple of 8 (Mosaic's sublanes), got {block}")
     dtype = c.dtype
+    on_hopper = (backend.kind == "gpu"
+                 and gpu_kernel(heads, rank, rope, block, dtype, platform, backend.interpret) == "mosaic_gpu")
+    blocks = block_table.shape[1] if paged else -(-slots // block)
+    if not paged:  # a contiguous cache is a pool of B * S / block pages, row b owning its own in order
+        c = pad_axis(c, 1, blocks * block).reshape(batch * blocks, block, rank)
+        k_pe = pad_axis(k_pe, 1, blocks * block).reshape(batch * blocks, block, rope)
+    q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
+    if on_hopper:  # clips lengths and table entries itself, and addresses a contiguous pool without a table
+        splits, split_len = split_walk(blocks, block, splits or hopper.default_splits(batch, heads, blocks * block,
+                                                                                     rank, rope))
+        partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, raw_lengths,
+                                         block_table.astype(jnp.int32) if paged else None, scale=scale,
+                                         splits=splits, split_len=split_len, interpret=backend.interpret)
+        return combine_splits(partial, lse)
     if paged:
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, c.shape[0] - 1)
-    else:  # a contiguous cache is a pool of B * S / block pages, row b owning its own in order
-        row_pages = -(-slots // block)
-        c = pad_axis(c, 1, row_pages * block).reshape(batch * row_pages, block, rank)
-        k_pe = pad_axis(k_pe, 1, row_pages * block).reshape(batch * row_pages, block, rope)
-        block_table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * row_pages
-                       + jnp.arange(row_pages, dtype=jnp.int32)[None, :])
-    q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
+    else:
+        block_table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * blocks
+                       + jnp.arange(blocks, dtype=jnp.int32)[None, :])
     if backend.kind == "tpu":  # one program per row reads each page once: splits only feed a second core
         partial, lse = tpu.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits or 1,
                                       interpret=backend.interpret)
         return combine_splits(partial, lse)
-    blocks = block_table.shape[1]
-    on_hopper = gpu_kernel(heads, rank, rope, block, dtype, platform, backend.interpret) == "mosaic_gpu"
-    if splits is None:
-        splits = (hopper.default_splits(batch, heads, blocks * block, rank, rope) if on_hopper
-                  else default_splits(batch, blocks * block, block))
-    split_len = -(-blocks // splits) * block
-    splits = -(-blocks * block // split_len)  # the last split may be short: the kernel stops at the length
-    if on_hopper:
-        partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits,
-                                         split_len=split_len, interpret=backend.interpret)
-        return combine_splits(partial, lse)
+    splits, split_len = split_walk(blocks, block, splits or default_splits(batch, blocks * block, block))
     head_block = min(triton_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
     partial, lse = gpu.mla_decode(
@@ -112,6 +113,13 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         lengths, block_table, scale=scale, block=block, splits=splits, split_len=split_len, head_block=head_block,
         interpret=backend.interpret)
     return combine_splits(partial, lse)[:, :heads, :rank]
+
+
+def split_walk(blocks, block, splits):
+    """(splits, slots a split walks) for rows of `blocks` blocks asked to split `splits` ways: whole blocks a
+    split, so there may be fewer splits than asked; the last may be short (the kernels stop at the length)."""
+    split_len = -(-blocks // splits) * block
+    return -(-blocks * block // split_len), split_len
 
 
 def gpu_kernel(heads, rank, rope, block, dtype, platform: str | None = None, interpret: bool = False) -> str:
