@@ -152,10 +152,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                         rescale_smem.at[slot][...] = rescale
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(probs_ready.at[slot])
-                        # Read back after the hand-off: the compiler would otherwise schedule this half's rescale
-                        # (128 multiplies) and the row sum before the arrive, on the other half's path.
-                        rescale = plgpu.load(rescale_smem.at[slot], layout=ROWS)
-                        total = total * rescale + probs.sum(axis=1)
+                        total = total * rescale + probs.sum(axis=1)  # after the hand-off: not on the other half's path
                     acc = add_page(acc, slot, rescale)
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc, new_max, total
