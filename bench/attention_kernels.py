@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scan_kernels import ceilings, power_capped_fraction, time_jax  # noqa: E402
+from scan_kernels import ceilings, power_capped, time_jax  # noqa: E402
 from zoo.layers.mla import latent_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import decode_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import gpu as decode_gpu  # noqa: E402
@@ -77,13 +77,7 @@ def measure(batch, context, repeats, **kernel_args):
     args = inputs(batch, context)
     scale = (RANK + ROPE) ** -0.5  # any scale: the timing does not depend on it
     ours = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl="pallas", **kernel_args))
-    seconds = None
-
-    def timed():
-        nonlocal seconds
-        seconds = time_jax(ours, *args, repeats=repeats)
-
-    capped = power_capped_fraction(timed)
+    seconds, capped = power_capped(time_jax, ours, *args, repeats=repeats)
     record = {"batch": batch, "context": context, "heads": HEADS, "rank": RANK, "rope": ROPE, "dtype": "bfloat16",
               "zoo_pallas_ms": 1e3 * seconds, "zoo_pallas_GBps": traffic_bytes(batch, context) / seconds / 1e9,
               "zoo_pallas_TFLOPs": flops(batch, context) / seconds / 1e12, "power_capped_fraction": capped,

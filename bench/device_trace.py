@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_kernels import inputs, traffic_bytes  # noqa: E402
-from scan_kernels import power_capped_fraction  # noqa: E402
+from scan_kernels import power_capped  # noqa: E402
 from zoo.pallas_kernels.mla_decode import mla_decode  # noqa: E402
 
 
@@ -70,12 +70,7 @@ def main():
         for context in map(int, args.contexts.split(",")):
             operands = inputs(batch, context)
             fn = jax.jit(lambda *a: mla_decode(*a, scale=0.05, impl="pallas"))
-            kernels = {}
-
-            def trace(*operands):
-                kernels.update(device_kernels(fn, *operands, calls=args.calls))
-
-            capped = power_capped_fraction(trace, *operands)
+            kernels, capped = power_capped(device_kernels, fn, *operands, calls=args.calls)
             main_name = max(kernels, key=lambda name: kernels[name][0] * kernels[name][1])
             kernel_us = kernels[main_name][1]
             record = {"device": device, "batch": batch, "context": context, "calls": args.calls,

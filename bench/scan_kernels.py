@@ -56,9 +56,9 @@ def time_jax(fn, *args, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def power_capped_fraction(fn, *args) -> float | None:
-    """The share of the wall time of fn(*args) that the driver spent capping the GPU's clocks for power
-    (nvidia-smi's "SW Power Capping" counter); None without nvidia-smi. Compute-bound kernels slow with it."""
+def power_capped(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), the share of its wall time that the driver spent capping the GPU's clocks for
+    power: nvidia-smi's "SW Power Capping" counter; None without nvidia-smi). Compute-bound kernels slow with it."""
     def counter():
         try:
             report = subprocess.run(["nvidia-smi", "-q", "-d", "PERFORMANCE", "-i", "0"], capture_output=True,
@@ -69,9 +69,9 @@ def power_capped_fraction(fn, *args) -> float | None:
         return int(found[1]) if found else None
 
     before, start = counter(), time.perf_counter()
-    fn(*args)
+    result = fn(*args, **kwargs)
     after, seconds = counter(), time.perf_counter() - start
-    return None if before is None or after is None else (after - before) / 1e6 / seconds
+    return result, None if before is None or after is None else (after - before) / 1e6 / seconds
 
 
 def time_torch(fn, repeats: int) -> float:
