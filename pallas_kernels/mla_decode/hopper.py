@@ -32,14 +32,13 @@ HEADS = 64  # heads per program: one wgmma M
 PAGE = 64  # slots per step: the page size of the cache this kernel reads
 STAGES = 2
 WARPGROUPS = 3  # scores, softmax and one output half; the other half; memory
-LAZY_MAX = 8.0  # how far (log2) a row's max may pass the running one before it moves: probabilities <= 2^8
 COMPILER_PARAMS = {"approx_math": True}  # bench/mla_decode_profile.py adds the on-device profiler's
 
 
 def _shared_bytes(rank, rope, itemsize):
     queries = HEADS * (rank + rope)
     stage = PAGE * (rank + rope)
-    return itemsize * (queries + STAGES * stage) + 4 * (STAGES + 2) * HEADS + 4 * STAGES
+    return itemsize * (queries + STAGES * stage) + 4 * (STAGES + 2) * HEADS
 
 
 def supports(heads, rank, rope, page, dtype) -> str | None:
@@ -103,17 +102,13 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
         count = lax.div(jnp.maximum(stop - start, 0) + PAGE - 1, jnp.int32(PAGE))
         heads_here = pl.ds(group * HEADS, HEADS)
 
-        def scoped(q_lat_smem, q_pe_smem, c_smem, pe_smem, rescale_smem, moved_smem, norm_smem, lse_smem, q_bar,
-                   page_bar, page_free, probs_ready, norm_ready):
+        def scoped(q_lat_smem, q_pe_smem, c_smem, pe_smem, rescale_smem, norm_smem, lse_smem, q_bar, page_bar,
+                   page_free, probs_ready, norm_ready):
             wg = lax.axis_index("wg")
 
             @jax.named_scope("add_page")
-            def add_page(acc, slot, moved, rescale):  # acc * rescale (if the max moved) + probs @ c[:, this half]
-                def rescaled(acc):
-                    factors = rescale() if callable(rescale) else rescale
-                    return acc * lax.broadcast_in_dim(factors, acc.shape, [0])
-
-                acc = lax.cond(moved, rescaled, lambda acc: acc, acc)
+            def add_page(acc, slot, rescale):  # acc * rescale + probs @ c[:, this warpgroup's half]
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
                 return accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], interpret)
 
             def finish(acc, scale_rows):
@@ -148,22 +143,17 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
                     with jax.named_scope("softmax"):
                         s = lax.cond(start + (t + 1) * PAGE > stop, mask, lambda s: s, s)  # the last page only
-                        page_max = s.max(axis=1) * score_scale
-                        # The running max moves only when some row's grows by more than LAZY_MAX (FA4's
-                        # conditional rescaling): the outputs' rescale is skipped on most pages.
-                        moved = jnp.max(page_max - running_max) > LAZY_MAX
-                        new_max = lax.cond(moved, lambda: jnp.maximum(running_max, page_max), lambda: running_max)
+                        new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
                         rescale = jnp.exp2(running_max - new_max)
                         probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
                         # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
                         # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
                         pe_smem.at[slot][...] = probs.astype(dtype)
                         rescale_smem.at[slot][...] = rescale
-                        moved_smem[slot] = moved.astype(jnp.int32)
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(probs_ready.at[slot])
                         total = total * rescale + probs.sum(axis=1)  # after the hand-off: not on the other half's path
-                    acc = add_page(acc, slot, moved, rescale)
+                    acc = add_page(acc, slot, rescale)
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc, new_max, total
 
@@ -188,8 +178,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_published"):
                         plgpu.barrier_wait(probs_ready.at[slot])
-                    acc = add_page(acc, slot, moved_smem[slot] != 0,
-                                   lambda: plgpu.load(rescale_smem.at[slot], layout=ROWS))
+                    acc = add_page(acc, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc
 
@@ -232,7 +221,6 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
             plgpu.SMEM((STAGES, PAGE, rank), dtype, transforms=TILE),
             plgpu.SMEM((STAGES, PAGE, rope), dtype, transforms=TILE),
             plgpu.SMEM((STAGES, HEADS), F32),
-            plgpu.SMEM((STAGES,), jnp.int32),  # whether a page moved the running max
             plgpu.SMEM((HEADS,), F32),
             plgpu.SMEM((HEADS,), F32),
             plgpu.Barrier(num_arrivals=2),  # the queries
