@@ -37,8 +37,8 @@ from scan_kernels import ceilings, power_capped, time_jax  # noqa: E402
 from zoo.layers.mla import latent_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import decode_attention  # noqa: E402
 from zoo.pallas_kernels.decode_attention import gpu as decode_gpu  # noqa: E402
-from zoo.pallas_kernels.mla_decode import gpu, hopper, mla_decode  # noqa: E402
-from zoo.pallas_kernels.mla_decode.ops import gpu_kernel  # noqa: E402
+from zoo.pallas_kernels.mla_decode import gpu, mla_decode  # noqa: E402
+from zoo.pallas_kernels.mla_decode.ops import gpu_kernel, split_walk  # noqa: E402
 
 HEADS, RANK, ROPE = 128, 512, 64  # HEADS: --heads
 GQA_HEADS, GQA_KV_HEADS, GQA_DIM = 32, 8, 128
@@ -180,7 +180,7 @@ def main():
         q_lat, q_pe, c, k_pe, lengths = inputs_
         record["kernel"] = "mosaic_gpu" if gpu_kernel(HEADS, RANK, ROPE, 64, jnp.bfloat16) == "mosaic_gpu" else "triton"
         if record["kernel"] == "mosaic_gpu" and "splits" not in record:
-            record["splits"] = hopper.default_splits(batch, HEADS, context, RANK, ROPE)
+            record["splits"] = split_walk(batch, HEADS, RANK, ROPE, context // 64, 64, None, "mosaic_gpu")[0]
         if record["kernel"] == "mosaic_gpu":  # the Triton kernel on the same inputs
             triton = jax.jit(lambda *a: mla_decode(*a, scale=scale, impl="pallas", platform="gpu"))
             triton_seconds = time_jax(triton, *inputs_, repeats=args.repeats)

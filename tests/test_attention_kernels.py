@@ -19,7 +19,7 @@ from zoo.pallas_kernels.flash_attention import flash_attention, hopper
 from zoo.pallas_kernels.flash_attention.ops import gpu_kernel as flash_gpu_kernel
 from zoo.pallas_kernels.flash_attention.reference import flash_attention_reference
 from zoo.pallas_kernels.mla_decode import hopper as mla_hopper, latent_decode, mla_decode
-from zoo.pallas_kernels.mla_decode.ops import gpu_kernel as mla_gpu_kernel
+from zoo.pallas_kernels.mla_decode.ops import gpu_kernel as mla_gpu_kernel, split_walk
 from zoo.pallas_kernels.splits import default_splits
 from zoo.pallas_kernels.mla_decode.reference import mla_decode_reference
 
@@ -98,6 +98,16 @@ def test_hopper_mla_splits_fill_whole_waves_and_skip_the_combine():
     assert mla_hopper.default_splits(batch=128, heads=128, slots=8192, rank=512, rope=64) == 1
     assert mla_hopper.default_splits(batch=8, heads=128, slots=8192, rank=512, rope=64) == 8
     assert mla_hopper.default_splits(batch=1, heads=128, slots=32768, rank=512, rope=64) == 64
+
+
+def test_split_walk_takes_whole_blocks_and_each_kernels_default():
+    """Splits walk whole blocks, so 5 blocks asked for 3 splits walk 2 each and the last one is short, and 4
+    asked for 3 give 2 splits; without a count, each kernel's own rule (one split at batch 128 on Hopper,
+    Triton's ~264 programs: 2)."""
+    assert split_walk(4, 8, 64, 16, blocks=5, block=64, splits=3, kernel="gpu") == (3, 128)
+    assert split_walk(4, 8, 64, 16, blocks=4, block=64, splits=3, kernel="mosaic_gpu") == (2, 128)
+    assert split_walk(128, 128, 512, 64, blocks=128, block=64, splits=None, kernel="mosaic_gpu") == (1, 8192)
+    assert split_walk(128, 128, 512, 64, blocks=128, block=64, splits=None, kernel="gpu") == (2, 4096)
 
 
 def test_mla_decode_rejects_a_block_the_kernels_cannot_tile():

@@ -88,8 +88,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         k_pe = pad_axis(k_pe, 1, blocks * block).reshape(batch * blocks, block, rope)
     q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
     if on_hopper:  # clips lengths and table entries itself, and addresses a contiguous pool without a table
-        splits, split_len = split_walk(blocks, block, splits or hopper.default_splits(batch, heads, blocks * block,
-                                                                                     rank, rope))
+        splits, split_len = split_walk(batch, heads, rank, rope, blocks, block, splits, "mosaic_gpu")
         partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, raw_lengths,
                                          block_table.astype(jnp.int32) if paged else None, scale=scale,
                                          splits=splits, split_len=split_len, interpret=backend.interpret)
@@ -103,7 +102,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         partial, lse = tpu.mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, scale=scale, splits=splits or 1,
                                       interpret=backend.interpret)
         return combine_splits(partial, lse)
-    splits, split_len = split_walk(blocks, block, splits or default_splits(batch, blocks * block, block))
+    splits, split_len = split_walk(batch, heads, rank, rope, blocks, block, splits, "gpu")
     head_block = min(triton_width(heads), head_block)  # Triton's matmuls need >= 16 rows
     padded_heads = -(-heads // head_block) * head_block
     partial, lse = gpu.mla_decode(
@@ -115,9 +114,14 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     return combine_splits(partial, lse)[:, :heads, :rank]
 
 
-def split_walk(blocks, block, splits):
-    """(splits, slots a split walks) for rows of `blocks` blocks asked to split `splits` ways: whole blocks a
-    split, so there may be fewer splits than asked; the last may be short (the kernels stop at the length)."""
+def split_walk(batch, heads, rank, rope, blocks, block, splits, kernel):
+    """(splits, slots a split walks) that a GPU kernel ("mosaic_gpu" or "gpu", as gpu_kernel names them) runs
+    for rows of `blocks` blocks, asked for `splits` (None: hopper.default_splits for the Mosaic GPU kernel,
+    default_splits for Triton's). Whole blocks a split, so there may be fewer splits than asked; the last may
+    be short (the kernels stop at the length)."""
+    if splits is None:
+        splits = (hopper.default_splits(batch, heads, blocks * block, rank, rope) if kernel == "mosaic_gpu"
+                  else default_splits(batch, blocks * block, block))
     split_len = -(-blocks // splits) * block
     return -(-blocks * block // split_len), split_len
 
