@@ -5,9 +5,9 @@ slot read, R = 512, P = 64), and Triton's matmuls on 32-head tiles stay near a t
 peak (gpu.py). Here a program owns 64 heads (one wgmma M) of one row and one split of its slots, as in
 FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's registers, so two compute
 warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
-two wgmma into one accumulator) and the online softmax, and publishes in shared memory the probabilities
-(bf16, in the page's RoPE-key buffer, spent by then) and the rescale factors; both then add
-probs @ c[:, their half] to their half of the output. A memory warpgroup streams the pages named by the block
+two wgmma into one accumulator) and the online softmax, adds probs @ c[:, its half] with the probabilities
+as the matmul's register operand, and while that runs publishes them in shared memory (bf16, in the page's
+RoPE-key buffer, spent by then) with the rescale factors, for the second to add probs @ c[:, its half]. A memory warpgroup streams the pages named by the block
 table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a cluster, which
 loads each page once and multicasts it to both.
 
@@ -106,10 +106,11 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                    page_free, probs_ready, norm_ready):
             wg = lax.axis_index("wg")
 
-            @jax.named_scope("add_page")
-            def add_page(acc, slot, rescale):  # acc * rescale + probs @ c[:, this warpgroup's half]
-                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
-                return accumulate(acc, pe_smem.at[slot], c_smem.at[slot, :, pl.ds(wg * half, half)], interpret)
+            def c_half(slot):  # this warpgroup's half of the slot's latent columns
+                return c_smem.at[slot, :, pl.ds(wg * half, half)]
+
+            def rescale_rows(acc, rescale):
+                return acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
 
             def finish(acc, scale_rows):
                 o_ref.at[row, split, heads_here, pl.ds(wg * half, half)][...] = acc * lax.broadcast_in_dim(
@@ -145,15 +146,27 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                         s = lax.cond(start + (t + 1) * PAGE > stop, mask, lambda s: s, s)  # the last page only
                         new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
                         rescale = jnp.exp2(running_max - new_max)
+                        acc = rescale_rows(acc, rescale)  # ahead of the exponentials, whose unit it does not use
                         probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+                        probs_16 = probs.astype(dtype)
+
+                    def publish():
                         # The slot's RoPE keys are spent: its buffer takes the probabilities (the same [64, 64]
                         # 16-bit tile), so no buffer of their own is needed and the stage ring orders their reuse.
-                        pe_smem.at[slot][...] = probs.astype(dtype)
+                        pe_smem.at[slot][...] = probs_16
                         rescale_smem.at[slot][...] = rescale
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(probs_ready.at[slot])
-                        total = total * rescale + probs.sum(axis=1)  # after the hand-off: not on the other half's path
-                    acc = add_page(acc, slot, rescale)
+
+                    # This half's product takes the probabilities from registers and is in flight while they are
+                    # published for the other half: neither the stores nor their fence are on this path.
+                    with jax.named_scope("product"):
+                        if interpret:
+                            publish()
+                            acc = accumulate(acc, pe_smem.at[slot], c_half(slot), interpret)
+                        else:
+                            acc = accumulate(acc, probs_16, c_half(slot), interpret, during=publish)
+                    total = total * rescale + probs.sum(axis=1)
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc, new_max, total
 
@@ -178,7 +191,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
                     slot = lax.rem(t, STAGES)
                     with jax.named_scope("wait_published"):
                         plgpu.barrier_wait(probs_ready.at[slot])
-                    acc = add_page(acc, slot, plgpu.load(rescale_smem.at[slot], layout=ROWS))
+                    acc = rescale_rows(acc, plgpu.load(rescale_smem.at[slot], layout=ROWS))
+                    with jax.named_scope("product"):
+                        acc = accumulate(acc, pe_smem.at[slot], c_half(slot), interpret)
                     plgpu.barrier_arrive(page_free.at[slot])
                     return acc
 
