@@ -118,7 +118,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
             @pl.when(wg == 0)
             def _scores_and_half():
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(240, action="increase")
                 plgpu.copy_gmem_to_smem(q_lat_ref.at[row, heads_here], q_lat_smem, q_bar)
                 plgpu.copy_gmem_to_smem(q_pe_ref.at[row, heads_here], q_pe_smem, q_bar)
                 plgpu.barrier_wait(q_bar)
@@ -185,7 +185,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
             @pl.when(wg == 1)
             def _other_half():
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(240, action="increase")
 
                 def step(t, acc):
                     slot = lax.rem(t, STAGES)
@@ -204,7 +204,7 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, block_table, *, scale, splits, spl
 
             @pl.when(wg == 2)
             def _memory():
-                plgpu.set_max_registers(40, action="decrease")
+                plgpu.set_max_registers(24, action="decrease")
 
                 @pl.loop(0, count)
                 def _(t):
