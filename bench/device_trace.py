@@ -1,8 +1,9 @@
 """What the GPU runs for one MLA decode call and for how long, from jax.profiler's device trace: every
 kernel a call launches (the Mosaic GPU kernel, and any XLA fusion around it) with its median device time,
 the device time per call without host dispatch, and the HBM copy ceiling's kernel timed the same way in
-the same run. Also the share of the run that the driver capped the clocks for power (nvidia-smi), which
-moves a compute-bound kernel's time from run to run.
+the same run. Also the share of the run that the driver capped the clocks for power, and the SM clock
+right after it with the board's maximum (nvidia-smi): both move a compute-bound kernel's time from run to
+run and from board to board.
 
     python bench/device_trace.py --batches 128,64 --contexts 8192,32768 --calls 20 --out trace.jsonl
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_kernels import inputs, traffic_bytes  # noqa: E402
-from scan_kernels import power_capped  # noqa: E402
+from scan_kernels import gpu_clocks, power_capped  # noqa: E402
 from zoo.pallas_kernels.mla_decode import mla_decode  # noqa: E402
 
 
@@ -71,6 +72,7 @@ def main():
             operands = inputs(batch, context)
             fn = jax.jit(lambda *a: mla_decode(*a, scale=0.05, impl="pallas"))
             kernels, capped = power_capped(device_kernels, fn, *operands, calls=args.calls)
+            clocks = gpu_clocks()  # right after the calls, before the clock falls back to idle
             main_name = max(kernels, key=lambda name: kernels[name][0] * kernels[name][1])
             kernel_us = kernels[main_name][1]
             record = {"device": device, "batch": batch, "context": context, "calls": args.calls,
@@ -78,7 +80,7 @@ def main():
                       "device_ms_per_call": sum(n * us for n, us in kernels.values()) / 1e3,
                       "kernel_GBps": traffic_bytes(batch, context) / kernel_us / 1e3,
                       "kernels_per_call": {name: [n, round(us, 1)] for name, (n, us) in kernels.items()},
-                      "power_capped_fraction": capped}
+                      "power_capped_fraction": capped, **clocks}
             record["fraction_of_copy"] = record["kernel_GBps"] / copy_GBps
             print(json.dumps(record), flush=True)
             records.append(record)
