@@ -7,9 +7,9 @@ FlashMLA: the latent accumulator [64, R] float32 does not fit one warpgroup's re
 warpgroups split its columns. The first computes each step's scores [64, PAGE] (q_lat c^T + q_pe k_pe^T,
 two wgmma into one accumulator) and the online softmax, adds probs @ c[:, its half] with the probabilities
 as the matmul's register operand, and while that runs publishes them in shared memory (bf16, in the page's
-RoPE-key buffer, spent by then) with the rescale factors, for the second to add probs @ c[:, its half]. A memory warpgroup streams the pages named by the block
-table into a ring of stages with TMA; the programs of a row's head groups run in pairs as a cluster, which
-loads each page once and multicasts it to both.
+RoPE-key buffer, spent by then) with the rescale factors, for the second to add probs @ c[:, its half]. A
+memory warpgroup streams the pages named by the block table into a ring of stages with TMA; the programs of a
+row's head groups run in pairs as a cluster, which loads each page once and multicasts it to both.
 
 Slots at or past the row's length are masked in the last page; pages past it are never read. Outputs are
 each split's normalised latent output and log-sum-exp (splits.split_result's convention), combined in
