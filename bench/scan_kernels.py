@@ -76,14 +76,21 @@ def power_capped(fn, *args, **kwargs):
 
 def gpu_clocks() -> dict:
     """GPU 0's SM clock now and its board's maximum (MHz), and its temperature (C), from nvidia-smi (empty
-    without it). A compute-bound kernel's time follows the SM clock, which differs between boards of a model."""
+    without it; None for a field it cannot read). A compute-bound kernel's time follows the SM clock, which
+    the driver lowers under sustained load."""
     fields = {"clocks.sm": "sm_clock_MHz", "clocks.max.sm": "max_sm_clock_MHz", "temperature.gpu": "temperature_C"}
     try:
         report = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
                                  "-i", "0"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {name: float(value) for name, value in zip(fields.values(), report.split(","))}
+    def number(text):
+        try:
+            return float(text)
+        except ValueError:  # "[N/A]" on boards that do not report a field
+            return None
+
+    return {name: number(value) for name, value in zip(fields.values(), report.split(","))}
 
 
 def time_torch(fn, repeats: int) -> float:
