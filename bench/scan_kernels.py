@@ -56,16 +56,21 @@ def time_jax(fn, *args, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def nvidia_smi(*args: str) -> str | None:
+    """nvidia-smi's report for GPU 0 with these arguments; None where nvidia-smi is missing or fails."""
+    try:
+        return subprocess.run(["nvidia-smi", *args, "-i", "0"], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def power_capped(fn, *args, **kwargs):
     """(fn(*args, **kwargs), the share of its wall time that the driver spent capping the GPU's clocks for
     power: nvidia-smi's "SW Power Capping" counter; None without nvidia-smi). Compute-bound kernels slow with it."""
     def counter():
-        try:
-            report = subprocess.run(["nvidia-smi", "-q", "-d", "PERFORMANCE", "-i", "0"], capture_output=True,
-                                    text=True, timeout=30, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        found = re.search(r"SW Power Capping\s*:\s*(\d+)\s*us", report.split("Counters", 1)[-1])
+        report = nvidia_smi("-q", "-d", "PERFORMANCE")
+        found = report and re.search(r"SW Power Capping\s*:\s*(\d+)\s*us", report.split("Counters", 1)[-1])
         return int(found[1]) if found else None
 
     before, start = counter(), time.perf_counter()
@@ -79,11 +84,10 @@ def gpu_clocks() -> dict:
     without it; None for a field it cannot read). A compute-bound kernel's time follows the SM clock, which
     the driver lowers under sustained load."""
     fields = {"clocks.sm": "sm_clock_MHz", "clocks.max.sm": "max_sm_clock_MHz", "temperature.gpu": "temperature_C"}
-    try:
-        report = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
-                                 "-i", "0"], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+    report = nvidia_smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits")
+    if report is None:
         return {}
+
     def number(text):
         try:
             return float(text)
