@@ -17,6 +17,11 @@ RETNET_FLOAT32_TOLERANCE = 1e-3
 # (test_gradients_of_chunked_match_naive), 50 seeds: median 5.6e-7, p99 5.8e-4, max 9.4e-4 (seed 41);
 # CI on 2026-11-23 hit 3.2e-4 (seed 1788449748) against the generic 1e-4.
 RETNET_GRAD_FLOAT32_TOLERANCE = 5e-3
+# mLSTM on the scan kernels against xlstm.mlstm_chunked (test_mlstm_scan_matches_the_chunkwise_form), float32
+# gradients of q, k, v and both gates, 181 seeds: median 6.9e-7, p99 4.5e-6, max 1.3e-5 (seed 40480990, which CI
+# drew on 2026-12-01; its normalisers were 1.2e-3 from their switch, so not the kink: float32 rounding of the
+# exponential gates summed over the chunks) against the generic 1e-5.
+MLSTM_GRAD_FLOAT32_TOLERANCE = 5e-5
 # The xLSTM[7:1] model stacks seven mLSTM blocks, each dividing by its normaliser max(|n.q|, exp(-m))
 # and then normalising each head (LayerNorm): the same near-cancellation as RetNet's, damped by the
 # normaliser's floor. Measured: 2.0e-5 for decode vs forward (seed 2015419404, CI on 2026-11-22),
