@@ -5,8 +5,8 @@ vary between calls: the same kernel has measured 0.526-0.539 ms at batch 128 / 8
     git show d830b47:pallas_kernels/mla_decode/hopper.py > /tmp/before.py
     python bench/mla_decode_ab.py /tmp/before.py zoo/pallas_kernels/mla_decode/hopper.py --rounds 41
 
-Each version is imported from its file and called directly (its default balanced schedule where it has one,
-else 1 split; contiguous cache as a pool of pages in order), checked bit-equal to the first (or, with --tolerance, within that relative max error of it: for
+Each version is imported from its file and called directly (1 split, contiguous cache as a pool of pages in
+order), checked bit-equal to the first (or, with --tolerance, within that relative max error of it: for
 versions that sum in another order), then timed in rounds that alternate the versions' order (ABAB, then
 BABA), each round 20 calls after one untimed call. Prints and records the median and minimum per version.
 Same shapes as bench/attention_kernels.py (128 heads, R 512, RoPE 64, bf16).
@@ -15,7 +15,6 @@ Same shapes as bench/attention_kernels.py (128 heads, R 512, RoPE 64, bf16).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import statistics
@@ -38,16 +37,6 @@ def load(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def decode(module, batch, context, *args):
-    """A version's output [B, H, R]: in its default balanced schedule where it has one (default_workers), else
-    in one split (the kernels before it returned each split's output and log-sum-exp)."""
-    if hasattr(module, "default_workers"):
-        workers = module.default_workers(batch, args[0].shape[1])
-        schedule = {"workers": workers} if workers else {"splits": 1, "split_len": context}
-        return module.mla_decode(*args, scale=SCALE, **schedule, interpret=False)
-    return module.mla_decode(*args, scale=SCALE, splits=1, split_len=context, interpret=False)[0][:, 0]
 
 
 def timed(fn, args) -> float:
@@ -76,7 +65,9 @@ def main():
         pool = lambda x: x.reshape(batch * context // page, page, x.shape[-1])  # noqa: E731
         table = jnp.arange(batch * context // page, dtype=jnp.int32).reshape(batch, -1)
         call_args = (q_lat, q_pe, pool(c), pool(k_pe), lengths, table)
-        fns = {path: jax.jit(functools.partial(decode, m, batch, context)) for path, m in versions.items()}
+        fns = {path: jax.jit(lambda *a, m=m: m.mla_decode(*a, scale=SCALE, splits=1, split_len=context,
+                                                          interpret=False)[0])
+               for path, m in versions.items()}
         first = jax.block_until_ready(fns[args.versions[0]](*call_args))
         errors = {}
         for path, fn in fns.items():

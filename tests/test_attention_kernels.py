@@ -100,16 +100,6 @@ def test_hopper_mla_splits_fill_whole_waves_and_skip_the_combine():
     assert mla_hopper.default_splits(batch=1, heads=128, slots=32768, rank=512, rope=64) == 64
 
 
-def test_hopper_mla_deals_pages_evenly_where_rows_are_many():
-    """One program (two head groups: a cluster) per pair of the 132 SMs where rows are at least as many as
-    programs, so that a row straddles two programs at most: 128 rows deal 66 programs 1.94 rows' pages each,
-    and no SM idles through a last partial wave; 64 heads take one SM a program; 64 rows take the split walk
-    (None)."""
-    assert mla_hopper.default_workers(batch=128, heads=128) == 66
-    assert mla_hopper.default_workers(batch=132, heads=64) == 132
-    assert mla_hopper.default_workers(batch=64, heads=128) is None
-
-
 def test_split_walk_takes_whole_blocks_and_each_kernels_default():
     """Splits walk whole blocks, so 5 blocks asked for 3 splits walk 2 each and the last one is short, and 4
     asked for 3 give 2 splits; without a count, each kernel's own rule (one split at batch 128 on Hopper,
@@ -571,16 +561,14 @@ def test_mosaic_gpu_flash_forward_sends_o_through_the_query_buffer_when_memory_i
         < TOLERANCE["bfloat16"]
 
 
-@pytest.mark.parametrize("schedule", [{"splits": 1}, {"splits": 3}, {"workers": 3}], ids=["splits1", "splits3", "workers3"])
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, schedule):
+def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, splits):
     """The Mosaic GPU (Hopper) MLA decode kernel: 64 heads a program with the latent output split over two
     warpgroups, two head groups (compiled: one 2-program cluster sharing each page), ragged lengths (one
     slot, a length ending inside a page, more than the cache: its whole, 0: a zero row), clipped in the
-    kernel, a contiguous cache and the same cache as a shuffled page pool whose table entries past a row's
-    length point anywhere. Schedules: one split (a walk round the stage ring) or 3 (some empty for short
-    rows); or the 20 pages dealt to 3 programs (rows 0 and 3 whole in one, rows 1 and 2 straddling two: merged
-    in the kernel)."""
+    kernel, one split (a walk round the stage ring) or 3 (some empty for short rows), a contiguous cache
+    and the same cache as a shuffled page pool whose table entries past a row's length point anywhere."""
     batch, heads, rank, rope, page = 4, 128, 128, 64, mla_hopper.PAGE
     slots = 5 * page  # 3 splits of 2 pages: the last would walk past the cache but for the clipped length
     lengths = jnp.asarray([1, int(rng.integers(2 * page + 1, 3 * page)), slots + 9, 0], jnp.int32)
@@ -591,7 +579,7 @@ def test_mosaic_gpu_mla_decode_matches_reference(rng, layout, schedule):
     q_lat, q_pe, c, k_pe = normal(batch, heads, rank), normal(batch, heads, rope), normal(batch, slots, rank), \
         normal(batch, slots, rope)
     impl = "pallas" if mosaic_gpu.available() else "interpret"
-    run = functools.partial(mla_decode, scale=0.1, impl=impl, platform="mosaic_gpu", **schedule)
+    run = functools.partial(mla_decode, scale=0.1, impl=impl, platform="mosaic_gpu", splits=splits)
     if layout == "paged":
         where = rng.permutation(batch * slots // page)
         pool = lambda x: jnp.zeros((len(where), page, x.shape[-1]), x.dtype).at[where].set(  # noqa: E731

@@ -35,8 +35,7 @@ def paged_to_contiguous(pool, block_table):
 
 
 def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None, impl: str = "auto",
-               platform: str | None = None, block: int = 64, splits: int | None = None, head_block: int = 32,
-               workers: int | None = None):
+               platform: str | None = None, block: int = 64, splits: int | None = None, head_block: int = 32):
     """q_lat [B, H, R], q_pe [B, H, P] and lengths [B] (slots 0 .. length-1 are attended; lengths are clipped
     to the row's slots, and a row of length 0 gets a zero output), over either cache layout:
     - contiguous: c [B, S, R], k_pe [B, S, P]. The kernel reads it in place when S is a multiple of `block`
@@ -47,11 +46,9 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     Returns the latent output [B, H, R], float32.
 
     block: slots per step of the walk (a power of two >= 16 on GPUs, a multiple of 8 on TPUs); splits: how
-    many programs share a row's slots (default: hopper.default_splits for the Mosaic GPU kernel where
-    hopper.default_workers declines, default_splits for Triton's, 1 on TPUs); workers: the Mosaic GPU kernel's
-    balanced schedule instead, this many programs dealing all rows' pages out evenly (default:
-    hopper.default_workers, one per SM where rows are many; ignored when splits is given); head_block: heads
-    per Triton program (all of them when fewer; defaults from the sweep in gpu.py). platform: None (the one JAX
+    many programs share a row's slots (default: hopper.default_splits for the Mosaic GPU kernel,
+    default_splits for Triton's, 1 on TPUs); head_block: heads per
+    Triton program (all of them when fewer; defaults from the sweep in gpu.py). platform: None (the one JAX
     runs on; on an sm90 GPU the Mosaic GPU kernel where hopper.supports the shapes, else Triton), "gpu"
     (Triton), "mosaic_gpu" (an error where it does not apply) or "tpu"."""
     batch, heads, rank = q_lat.shape
@@ -91,15 +88,11 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
         k_pe = pad_axis(k_pe, 1, blocks * block).reshape(batch * blocks, block, rope)
     q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
     if on_hopper:  # clips lengths and table entries itself, and addresses a contiguous pool without a table
-        if workers is None and splits is None:
-            workers = hopper.default_workers(batch, heads)
-        if workers is None:
-            splits, split_len = split_walk(batch, heads, rank, rope, blocks, block, splits, "mosaic_gpu")
-        else:
-            splits, split_len = 1, blocks * block
-        return hopper.mla_decode(q_lat, q_pe, c, k_pe, raw_lengths, block_table.astype(jnp.int32) if paged else None,
-                                 scale=scale, splits=splits, split_len=split_len, workers=workers,
-                                 interpret=backend.interpret)
+        splits, split_len = split_walk(batch, heads, rank, rope, blocks, block, splits, "mosaic_gpu")
+        partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, raw_lengths,
+                                         block_table.astype(jnp.int32) if paged else None, scale=scale,
+                                         splits=splits, split_len=split_len, interpret=backend.interpret)
+        return combine_splits(partial, lse)
     if paged:
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, c.shape[0] - 1)
     else:
