@@ -12,7 +12,8 @@ if os.environ["JAX_PLATFORMS"] == "cpu":
     _FLAGS += ["--xla_llvm_disable_expensive_passes=true", "--xla_backend_optimization_level=0"]
 # GPU interpret mode runs a kernel's warpgroups as threads that block (barrier waits) inside callbacks on XLA's CPU
 # thread pool, of as many threads as cores unless NPROC says otherwise: on 2 cores two waiting warpgroups can
-# starve the third (the Hopper MLA kernel hung so). Four threads cover the kernels' three warpgroups.
+# starve the third (a persistent variant of the Hopper MLA kernel, b984839, hung so every time; the kernels on main
+# passed by the order their threads happened to start in). Four threads cover the Hopper kernels' three warpgroups.
 os.environ.setdefault("NPROC", "4")
 _given = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_given] + [f for f in _FLAGS if f.split("=")[0] not in _given]).strip()
