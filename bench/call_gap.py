@@ -1,0 +1,111 @@
+"""Wall clock against device time for back-to-back calls of the HBM copy and of the 128-head MLA decode kernel
+(batch 128, 8K and 32K): per call the wall-clock time (bench/scan_kernels.time_jax), the host's dispatch time,
+and from jax.profiler's device trace the kernels' median duration and the median period between consecutive
+kernel starts (a period longer than the duration is the GPU waiting for the host). Also the same step run 20
+times in one jitted fori_loop that carries its output (so each step adds a device-to-device copy of that
+output: not a clean in-loop figure). One JSON line per case; the "host_top" lists are the host-side trace
+events with the longest medians.
+
+    JAX_PLATFORMS=cuda python bench/call_gap.py > call_gap.jsonl
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attention_kernels import inputs, traffic_bytes  # noqa: E402
+from scan_kernels import time_jax  # noqa: E402
+from zoo.pallas_kernels.mla_decode import mla_decode  # noqa: E402
+
+LOOP_STEPS = 20
+
+
+def trace(fn, *args, calls=20):
+    """Device kernels of `calls` back-to-back calls: their count, names, median duration and median start-to-start
+    period (microseconds), and the host-side events seen once a call or more, longest median first."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    directory = tempfile.mkdtemp()
+    with jax.profiler.trace(directory):
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+    (path,) = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in processes.items() if "/device:gpu" in name.lower()}
+    kernels = sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("ph") == "X" and e["pid"] in devices)
+    starts = [start for start, _, _ in kernels]
+    periods = [b - a for a, b in zip(starts, starts[1:])]
+    host = {}
+    for event in events:
+        if event.get("ph") == "X" and event["pid"] not in devices:
+            host.setdefault(event["name"], []).append(event["dur"])
+    host_top = sorted(((statistics.median(durations), len(durations), name) for name, durations in host.items()
+                       if len(durations) >= calls), reverse=True)[:12]
+    return {"kernels": len(kernels), "names": sorted({name for _, _, name in kernels}),
+            "dur_med_us": statistics.median(duration for _, duration, _ in kernels),
+            "period_med_us": statistics.median(periods) if periods else None, "host_top": host_top}
+
+
+def dispatch_us(fn, *args, calls=20):
+    """Median host time of a call until it returns (the device work runs on after it)."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        out = fn(*args)
+        samples.append(time.perf_counter() - start)
+        jax.block_until_ready(out)
+    return 1e6 * statistics.median(samples)
+
+
+def loop_ms(step, *args, repeats=7):
+    """Wall milliseconds a step of step(i, *args) run LOOP_STEPS times in one jitted fori_loop, and that function."""
+    def run(*operands):
+        return lax.fori_loop(1, LOOP_STEPS, lambda i, _: step(i, *operands), step(0, *operands))
+
+    looped = jax.jit(run)
+    return 1e3 * time_jax(looped, *args, repeats=repeats) / LOOP_STEPS, looped
+
+
+def main():
+    x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB, as scan_kernels.ceilings
+    copy = jax.jit(lambda a: a * 2)
+    record = {"what": "copy", "wall_ms": 1e3 * time_jax(copy, x, repeats=7), "dispatch_us": dispatch_us(copy, x),
+              **trace(copy, x)}
+    # i in the step keeps XLA from hoisting it out of the loop
+    record["loop_ms"], looped = loop_ms(lambda i, a: a * (2 + jnp.asarray(i)).astype(a.dtype), x)
+    record["loop_trace"] = trace(looped, x, calls=5)
+    print(json.dumps(record), flush=True)
+    del x
+    for batch, context in ((128, 8192), (128, 32768)):
+        operands = inputs(batch, context)
+        decode = jax.jit(lambda *a: mla_decode(*a, scale=0.05, impl="pallas"))
+        record = {"what": "mla", "batch": batch, "context": context,
+                  "wall_ms": 1e3 * time_jax(decode, *operands, repeats=7),
+                  "dispatch_us": dispatch_us(decode, *operands), **trace(decode, *operands)}
+        # lengths + i: the kernel clips them to the cache, so every step reads the whole context
+        record["loop_ms"], looped = loop_ms(
+            lambda i, q_lat, q_pe, c, k_pe, lengths: mla_decode(q_lat, q_pe, c, k_pe, lengths + i, scale=0.05,
+                                                                impl="pallas"), *operands)
+        record["loop_trace"] = trace(looped, *operands, calls=5)
+        record["GBps_loop"] = traffic_bytes(batch, context) / record["loop_ms"] / 1e6
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
