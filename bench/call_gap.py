@@ -10,12 +10,9 @@ events with the longest medians.
 """
 from __future__ import annotations
 
-import glob
-import gzip
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_kernels import inputs, traffic_bytes  # noqa: E402
+from device_trace import device_trace  # noqa: E402
 from scan_kernels import time_jax  # noqa: E402
 from zoo.pallas_kernels.mla_decode import mla_decode  # noqa: E402
 
@@ -34,18 +32,7 @@ LOOP_STEPS = 20
 def trace(fn, *args, calls=20):
     """Device kernels of `calls` back-to-back calls: their count, names, median duration and median start-to-start
     period (microseconds), and the host-side events seen once a call or more, longest median first."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    directory = tempfile.mkdtemp()
-    with jax.profiler.trace(directory):
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-    (path,) = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    devices = {pid for pid, name in processes.items() if "/device:gpu" in name.lower()}
+    events, devices = device_trace(fn, *args, calls=calls)
     kernels = sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("ph") == "X" and e["pid"] in devices)
     starts = [start for start, _, _ in kernels]
     periods = [b - a for a, b in zip(starts, starts[1:])]

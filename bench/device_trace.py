@@ -32,8 +32,9 @@ from scan_kernels import gpu_clocks, power_capped  # noqa: E402
 from zoo.pallas_kernels.mla_decode import mla_decode  # noqa: E402
 
 
-def device_kernels(fn, *args, calls: int) -> dict:
-    """{kernel name: (launches per call, median device microseconds)} over `calls` back-to-back calls."""
+def device_trace(fn, *args, calls: int) -> tuple[list, set]:
+    """jax.profiler's trace events of `calls` back-to-back calls (after two untimed ones), and the ids of the
+    processes that are GPU devices in it."""
     for _ in range(2):
         jax.block_until_ready(fn(*args))
     directory = tempfile.mkdtemp()
@@ -46,6 +47,12 @@ def device_kernels(fn, *args, calls: int) -> dict:
         events = json.load(f)["traceEvents"]
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                and "/device:gpu" in e["args"]["name"].lower()}
+    return events, devices
+
+
+def device_kernels(fn, *args, calls: int) -> dict:
+    """{kernel name: (launches per call, median device microseconds)} over `calls` back-to-back calls."""
+    events, devices = device_trace(fn, *args, calls=calls)
     durations = collections.defaultdict(list)
     for event in events:
         if event.get("ph") == "X" and event["pid"] in devices:
