@@ -67,13 +67,12 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
                          "(or pools c [N, page, R], k_pe [N, page, P] with block_table [B, M]) must agree: "
                          f"{q_lat.shape}, {q_pe.shape}, {c.shape}, {k_pe.shape}, {lengths.shape}"
                          + (f", block_table {block_table.shape}" if paged else ""))
-    raw_lengths = lengths.astype(jnp.int32)  # hopper.py clips in the kernel: no XLA op before it
-    lengths = jnp.clip(raw_lengths, 0, slots)
+    lengths = lengths.astype(jnp.int32)
     backend = dispatch.resolve(impl, "gpu" if platform == "mosaic_gpu" else platform)
     if backend.kind == "xla":
         if paged:
             c, k_pe = paged_to_contiguous(c, block_table), paged_to_contiguous(k_pe, block_table)
-        return mla_decode_reference(q_lat, q_pe, c, k_pe, lengths, scale=scale)
+        return mla_decode_reference(q_lat, q_pe, c, k_pe, jnp.clip(lengths, 0, slots), scale=scale)
     what = "page size" if paged else "block"
     if backend.kind == "gpu" and (block < 16 or block & (block - 1)):
         raise ValueError(f"the {what} must be a power of two of at least 16 (Triton's matmul tiles), got {block}")
@@ -89,10 +88,11 @@ def mla_decode(q_lat, q_pe, c, k_pe, lengths, *, scale: float, block_table=None,
     q_lat, q_pe, k_pe = q_lat.astype(dtype), q_pe.astype(dtype), k_pe.astype(dtype)
     if on_hopper:  # clips lengths and table entries itself, and addresses a contiguous pool without a table
         splits, split_len = split_walk(batch, heads, rank, rope, blocks, block, splits, "mosaic_gpu")
-        partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, raw_lengths,
+        partial, lse = hopper.mla_decode(q_lat, q_pe, c, k_pe, lengths,
                                          block_table.astype(jnp.int32) if paged else None, scale=scale,
                                          splits=splits, split_len=split_len, interpret=backend.interpret)
         return combine_splits(partial, lse)
+    lengths = jnp.clip(lengths, 0, slots)  # the Triton and TPU kernels take them clipped
     if paged:
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, c.shape[0] - 1)
     else:
