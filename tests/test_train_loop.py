@@ -3,6 +3,7 @@ the run directory, the NaN guard and the `zoo train` command; on 8 fake CPU devi
 replays the same compiled computation on the same inputs, so its losses must be bit-identical.
 (The step, meshes, optimizer, data and config are tests/test_train_step.py's.)"""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from inputs import saved_model, small_hybrid
 from zoo.cli import main
 from zoo.tokenizer import ByteTokenizer
 from zoo.train.checkpoint import Checkpoints, load_model
@@ -142,3 +144,12 @@ def test_tiny_hybrid_learns_tiny_shakespeare(tmp_path):
     ])
     result = train(config, tmp_path / "run", progress=False)
     assert result.heldout_loss < 0.75 * unigram, (result.heldout_loss, unigram)
+
+
+def test_loading_a_finished_run_warns_of_nothing(tmp_path, caplog):
+    config = small_hybrid(max_seq_len=32, chunk_size=8)
+    saved_model(tmp_path, config, step=7, seed=0)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(tmp_path)
+    assert loaded.step == 7 and loaded.config == config
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -16,6 +16,8 @@ the last complete checkpoint. Old steps beyond `keep` are deleted.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +34,21 @@ ITEMS = ("params", "optimizer", "model_config", "tokenizer", "progress", "origin
 _JSON_ITEMS = ("model_config", "tokenizer", "progress", "origin")
 
 
+@contextlib.contextmanager
+def _no_read_only_notice():
+    """Drops Orbax's "Given directory is read only" warning, logged for every manager opened read-only: that is how
+    a finished run is loaded (eval, generation, conversion), and nothing is wrong then."""
+    def keep(record):
+        return not record.getMessage().startswith("Given directory is read only")
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(keep)
+
+
 class Checkpoints:
     """The training run's checkpoints under `directory` (RUN/checkpoints)."""
 
@@ -41,7 +58,8 @@ class Checkpoints:
             max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
             create=not read_only, read_only=read_only, enable_async_checkpointing=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        with _no_read_only_notice() if read_only else contextlib.nullcontext():
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
