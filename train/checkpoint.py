@@ -58,7 +58,7 @@ class Checkpoints:
             max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
             create=not read_only, read_only=read_only, enable_async_checkpointing=True,
         )
-        with _no_read_only_notice() if read_only else contextlib.nullcontext():
+        with _no_read_only_notice():
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
