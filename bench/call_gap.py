@@ -1,10 +1,8 @@
 """Wall clock against device time for back-to-back calls of the HBM copy and of the 128-head MLA decode kernel
 (batch 128, 8K and 32K): per call the wall-clock time (bench/scan_kernels.time_jax), the host's dispatch time,
 and from jax.profiler's device trace the kernels' median duration and the median period between consecutive
-kernel starts (a period longer than the duration is the GPU waiting for the host). Also the same step run 20
-times in one jitted fori_loop that carries its output (so each step adds a device-to-device copy of that
-output: not a clean in-loop figure). One JSON line per case; the "host_top" lists are the host-side trace
-events with the longest medians.
+kernel starts (a period longer than the duration is the GPU waiting for the host). One JSON line per case;
+the "host_top" lists are the host-side trace events with the longest medians.
 
     JAX_PLATFORMS=cuda python bench/call_gap.py > call_gap.jsonl
 """
@@ -18,15 +16,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention_kernels import inputs, traffic_bytes  # noqa: E402
+from attention_kernels import inputs  # noqa: E402
 from device_trace import device_trace  # noqa: E402
 from scan_kernels import time_jax  # noqa: E402
 from zoo.pallas_kernels.mla_decode import mla_decode  # noqa: E402
-
-LOOP_STEPS = 20
 
 
 def trace(fn, *args, calls=20):
@@ -60,23 +55,11 @@ def dispatch_us(fn, *args, calls=20):
     return 1e6 * statistics.median(samples)
 
 
-def loop_ms(step, *args, repeats=7):
-    """Wall milliseconds a step of step(i, *args) run LOOP_STEPS times in one jitted fori_loop, and that function."""
-    def run(*operands):
-        return lax.fori_loop(1, LOOP_STEPS, lambda i, _: step(i, *operands), step(0, *operands))
-
-    looped = jax.jit(run)
-    return 1e3 * time_jax(looped, *args, repeats=repeats) / LOOP_STEPS, looped
-
-
 def main():
     x = jnp.ones((1 << 29,), jnp.bfloat16)  # 1 GiB, as scan_kernels.ceilings
     copy = jax.jit(lambda a: a * 2)
     record = {"what": "copy", "wall_ms": 1e3 * time_jax(copy, x, repeats=7), "dispatch_us": dispatch_us(copy, x),
               **trace(copy, x)}
-    # i in the step keeps XLA from hoisting it out of the loop
-    record["loop_ms"], looped = loop_ms(lambda i, a: a * (2 + jnp.asarray(i)).astype(a.dtype), x)
-    record["loop_trace"] = trace(looped, x, calls=5)
     print(json.dumps(record), flush=True)
     del x
     for batch, context in ((128, 8192), (128, 32768)):
@@ -85,12 +68,6 @@ def main():
         record = {"what": "mla", "batch": batch, "context": context,
                   "wall_ms": 1e3 * time_jax(decode, *operands, repeats=7),
                   "dispatch_us": dispatch_us(decode, *operands), **trace(decode, *operands)}
-        # lengths + i: the kernel clips them to the cache, so every step reads the whole context
-        record["loop_ms"], looped = loop_ms(
-            lambda i, q_lat, q_pe, c, k_pe, lengths: mla_decode(q_lat, q_pe, c, k_pe, lengths + i, scale=0.05,
-                                                                impl="pallas"), *operands)
-        record["loop_trace"] = trace(looped, *operands, calls=5)
-        record["GBps_loop"] = traffic_bytes(batch, context) / record["loop_ms"] / 1e6
         print(json.dumps(record), flush=True)
 
 
