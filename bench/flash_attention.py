@@ -4,6 +4,7 @@
     python bench/flash_attention.py --out results.jsonl            # GQA/MHA causal, full and windowed; MLA prefill
     python bench/flash_attention.py --sweep                        # Triton tiles and warps at one shape
     python bench/flash_attention.py --sweep-only --mosaic-sweep    # and the Mosaic GPU forward's key blocks, stages
+    python bench/flash_attention.py --backward-sweep mha,mla       # the backward's tiles: device time per kernel
 
 Shapes: B 8, T 4096, 16 heads, head dim 128, bf16, causal; windows: none (full causal) and T/8. cuDNN takes the
 window as local_window_size=(window - 1, 0). torch SDPA runs its flash backend for full causal (is_causal) and,
@@ -181,6 +182,39 @@ def measure(case, repeats, peers=True):
     return record
 
 
+# (backward q block, backward k block, warps, stages); the first is gpu.py's default
+BACKWARD_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                    (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
+
+
+def backward_sweep(case, repeats, emit, configs=BACKWARD_CONFIGS):
+    """The Triton backward's tiles, warps and stages on one case, the forward as impl="pallas" picks it: per
+    config the forward+backward call's wall time and, from jax.profiler's device trace, each kernel's median
+    device time (the dq and dk/dv kernels, the forward, XLA's fusions around them)."""
+    from device_trace import device_kernels  # the profiler's per-kernel times
+
+    batch, length, heads, kv_heads = case["batch"], case["length"], case["heads"], case["kv_heads"]
+    dims, dim_v, window = case["dims"], case["dim_v"], case["window"]
+    qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if len(dims) == 2 else (kv_heads,))
+    platform = gpu_kernel(qs, ks, v)
+    forward_blocks = (hopper if platform == "mosaic_gpu" else gpu).default_blocks(window)[:2]
+    defaults = gpu.BACKWARD_WARPS, gpu.STAGES
+    for block_q, block_k, warps, stages in configs:
+        gpu.BACKWARD_WARPS, gpu.STAGES = warps, stages
+        record = {**case, "dtype": "bfloat16", "forward_kernel": platform, "backward_blocks": [block_q, block_k],
+                  "backward_warps": warps, "stages": stages}
+        try:
+            _, grad = zoo_fns(length, batch, window, sum(dims) ** -0.5, (*forward_blocks, block_q, block_k), platform)
+            record["zoo_fwdbwd_ms"] = 1e3 * time_jax(grad, qs, ks, v, w, repeats=repeats)
+            kernels = device_kernels(grad, qs, ks, v, w, calls=10)
+            record["device_us"] = {name: round(us, 1) for name, (_, us) in kernels.items()}
+            record["device_ms_per_call"] = sum(n * us for n, us in kernels.values()) / 1e3
+        except Exception as error:  # noqa: BLE001 - a tile Triton cannot compile is reported
+            record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        emit(record)
+    gpu.BACKWARD_WARPS, gpu.STAGES = defaults
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=4096)
@@ -190,6 +224,10 @@ def main():
     parser.add_argument("--sweep-only", action="store_true", help="the sweep without the peer comparison")
     parser.add_argument("--full-causal-only", action="store_true", help="only the first case (MHA, full causal)")
     parser.add_argument("--mosaic-sweep", action="store_true", help="the Mosaic GPU forward's key blocks and stages")
+    parser.add_argument("--backward-sweep", default="", help="the backward's tiles on these cases: mha (full causal), "
+                        "gqa (16/4, full causal), mla (prefill, 128 + 64), comma-separated")
+    parser.add_argument("--backward-configs", default="",
+                        help="q block x k block x warps x stages, comma-separated (default: BACKWARD_CONFIGS)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
@@ -230,7 +268,13 @@ def main():
             except Exception as error:  # noqa: BLE001 - a tile that does not fit is reported
                 print(f"mosaic block_k {block_k} stages {stages}: {type(error).__name__}: {str(error)[:300]}", flush=True)
         hopper.STAGES = default_stages
-    if args.sweep_only:
+    if args.backward_sweep:
+        configs = ([tuple(map(int, c.split("x"))) for c in args.backward_configs.split(",")]
+                   if args.backward_configs else BACKWARD_CONFIGS)
+        named = {"mha": base, "gqa": {**base, "kv_heads": 4}, "mla": {**base, "dims": (128, 64)}}
+        for name in args.backward_sweep.split(","):
+            backward_sweep(named[name], args.repeats, emit, configs)
+    if args.sweep_only or args.backward_sweep:
         cases = []
     else:
         cases = [base, {**base, "window": length // 8}, {**base, "kv_heads": 4}, {**base, "kv_heads": 4, "window": length // 8},

@@ -147,9 +147,10 @@ SMALL_WIDTHS = ((24, 32), (16, 20), 8)  # (query / key widths, value widths, RoP
 
 
 def flash_inputs(rng, layout, dtype, lengths=(37, 71), widths=SMALL_WIDTHS):
-    batch, heads, kv_heads = 2, 4, int(rng.choice([1, 2]))
-    length, dim, dim_v = int(rng.integers(*lengths)), int(rng.choice(widths[0])), int(rng.choice(widths[1]))
     window, sink_tokens, sink_logits, mla = LAYOUTS[layout]
+    batch, heads = 2, 4
+    kv_heads = heads if mla else int(rng.choice([1, 2]))  # MLA's no-RoPE keys and its values are per head
+    length, dim, dim_v = int(rng.integers(*lengths)), int(rng.choice(widths[0])), int(rng.choice(widths[1]))
 
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)

@@ -195,7 +195,8 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_walk, k_wa
     """Gradients given dO [B, T, H, Dv], the forward's lse and delta = rowsum(dO * O) [B, H, T] float32;
     q_walk as forward's walk (per query block of `block_q`), k_walk the same per key block of `block_k` over
     the query blocks that see it. Returns (dqs, dks, dv): dq parts like
-    qs; dk parts and dv per query head [B, S, H, D_i] float32 (ops.py sums each key head's group)."""
+    qs; dk parts and dv per query head [B, S, H, D_i]: float32 where key heads are shared (ops.py sums each key
+    head's group), else in the keys' dtype (one query head a key head: nothing to sum)."""
     batch, length, heads, _ = qs[0].shape
     slots, dv_width = v.shape[1], v.shape[-1]
     common = dict(parts=len(qs), scale=scale, window=window, sink_tokens=sink_tokens)
@@ -225,6 +226,7 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_walk, k_wa
     whole_row = pl.BlockSpec((None, None, length), lambda h, j, b: (b, h, 0))
     per_head = lambda width: pl.BlockSpec((None, block_k, None, width), lambda h, j, b: (b, j, h, 0))  # noqa: E731
     dkv_kernel = functools.partial(_dkv_kernel, block_q=block_q, **common)
+    grad_dtype = lambda x: x.dtype if x.shape[2] == heads else F32  # noqa: E731
     dv, *dks = pl.pallas_call(
         dkv_kernel,
         grid=(heads, slots // block_k, batch),
@@ -235,8 +237,8 @@ def backward(qs, ks, v, do, lse, delta, q_pos, q_seg, k_pos, k_seg, q_walk, k_wa
                   whole_row, whole_row, by_head(do, length, lambda j: 0), by_head(v, block_k, lambda j: j),
                   *[by_head(q, length, lambda j: 0) for q in qs], *[by_head(k, block_k, lambda j: j) for k in ks]],
         out_specs=[per_head(dv_width), *[per_head(k.shape[-1]) for k in ks]],
-        out_shape=[jax.ShapeDtypeStruct((batch, slots, heads, dv_width), F32),
-                   *[jax.ShapeDtypeStruct((batch, slots, heads, k.shape[-1]), F32) for k in ks]],
+        out_shape=[jax.ShapeDtypeStruct((batch, slots, heads, dv_width), grad_dtype(v)),
+                   *[jax.ShapeDtypeStruct((batch, slots, heads, k.shape[-1]), grad_dtype(k)) for k in ks]],
         compiler_params=_params(BACKWARD_WARPS), interpret=interpret, name="flash_attention_dkv",
     )(k_counts, k_interiors, k_lists, q_pos, q_seg, k_pos, k_seg, lse, delta, do, v, *qs, *ks)
     return tuple(dqs), tuple(dks), dv
