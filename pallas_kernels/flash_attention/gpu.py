@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from zoo.pallas_kernels.flash_attention.masking import visible
-from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt, dot_tn, where_visible
+from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt, where_visible
 
 # Tiles, warps, pipeline stages: `python bench/flash_attention.py --sweep` (H100, B8 T4096 H16 D128 bf16, causal,
 # with the unmasked interior walk; bench/results/flash_attention_sweep_h100.jsonl): forward 128 x 128 tiles at
@@ -125,21 +125,23 @@ def _dkv_kernel(count_ref, interior_ref, list_ref, q_pos_ref, q_seg_ref, k_pos_r
     q_refs, k_refs = refs[:parts], refs[parts:2 * parts]
     dv_ref, dk_refs = refs[2 * parts], refs[2 * parts + 1:]
     k_blocks = [ref[...] for ref in k_refs]
-    k_pos, k_seg = k_pos_ref[...][None, :], k_seg_ref[...][None, :]
+    k_pos, k_seg = k_pos_ref[...][:, None], k_seg_ref[...][:, None]
     v = v_ref[...]
 
+    # Transposed scores [keys, queries] (as Triton's fused-attention tutorial), so that dv and dk are plain
+    # products: probs^T @ dO from [queries, keys] probabilities would transpose them in registers every step.
     def body(t, carry, masked):
         dv, dks = carry
         rows = _rows(list_ref[t], block_q)
-        mask = visible(q_pos_ref[rows][:, None], q_seg_ref[rows][:, None], k_pos, k_seg, window=window,
+        mask = visible(q_pos_ref[rows][None, :], q_seg_ref[rows][None, :], k_pos, k_seg, window=window,
                        sink_tokens=sink_tokens) if masked else None
         q_blocks = [ref[rows, :] for ref in q_refs]
-        scores = sum(dot_nt(q, k) for q, k in zip(q_blocks, k_blocks)) * scale
-        probs = where_visible(mask, jnp.exp(scores - lse_ref[rows][:, None]), 0.0)
+        scores = sum(dot_nt(k, q) for q, k in zip(q_blocks, k_blocks)) * scale
+        probs = where_visible(mask, jnp.exp(scores - lse_ref[rows][None, :]), 0.0)
         do = do_ref[rows, :]
-        dv = dv + dot_tn(probs.astype(do.dtype), do)
-        dscores = (probs * (dot_nt(do, v) - delta_ref[rows][:, None])).astype(do.dtype)
-        return dv, tuple(dk + dot_tn(dscores, q) for dk, q in zip(dks, q_blocks))
+        dv = dv + dot(probs.astype(do.dtype), do)
+        dscores = (probs * (dot_nt(v, do) - delta_ref[rows][None, :])).astype(do.dtype)
+        return dv, tuple(dk + dot(dscores, q) for dk, q in zip(dks, q_blocks))
 
     init = (jnp.zeros(v.shape, F32), tuple(jnp.zeros(k.shape, F32) for k in k_blocks))
     dv, dks = _walk(body, interior_ref, count_ref, init)
