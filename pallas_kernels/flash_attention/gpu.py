@@ -36,7 +36,9 @@ from zoo.pallas_kernels.tiles import F32, MASKED, dot, dot_nt, where_visible
 # with the unmasked interior walk; bench/results/flash_attention_sweep_h100.jsonl): forward 128 x 128 tiles at
 # 8 warps 1.71 ms (128 x 64 at 4 warps 1.83, 64 x 32 1.90); fwd+bwd with the backward at 64 x 64, 4 warps,
 # 6.78-6.83 ms (at 8 warps 12+). With a 512 window (bench/results/flash_attention_h100.jsonl) small tiles
-# waste less of the band's edges: 64 x 32 0.62 ms, 128 x 128 0.75.
+# waste less of the band's edges: 64 x 32 0.62 ms, 128 x 128 0.75. The backward's tiles on the H200
+# (`--backward-sweep mha,gqa`, bench/results/flash_backward_sweep_h200.jsonl): 64 x 64 at 4 warps and 3 stages
+# is still the quickest for both kernels (fwd+bwd 5.10 ms at MHA; every other tile 7.3 ms or more but 2 stages).
 FULL_BLOCKS, WINDOW_BLOCKS = (128, 128), (64, 32)  # forward (q, k) without / with a sliding window
 BACKWARD_BLOCK_Q, BACKWARD_BLOCK_K, BACKWARD_WARPS = 64, 64, 4
 WARPS = None  # forward warps; None: 8 for tiles of 128 x 128 or more, else 4 (the sweep's best for each)
