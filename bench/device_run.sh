@@ -6,9 +6,11 @@
 #   bench/device_run.sh kernels    the kernel tests compiled on the GPU, then bench/scan_kernels.py (fla peer)
 #   bench/device_run.sh impl-train one hybrid preset trained with kernel_impl=xla and =pallas, curves compared
 #   bench/device_run.sh attention  the attention kernel tests compiled on the GPU, bench/flash_attention.py (cuDNN,
-#                                  torch SDPA peers), bench/attention_kernels.py (MLA and GQA decode), bench/decode_speed.py;
-#                                  PARTS="tests flash mla generate" picks a subset, FLASH_ARGS / MLA_ARGS (e.g. --sweep)
-#                                  add to or override those scripts' arguments
+#                                  torch SDPA peers), bench/attention_kernels.py (MLA and GQA decode), bench/decode_speed.py,
+#                                  bench/device_trace.py (MLA decode and the copy ceiling in device time, with clocks);
+#                                  PARTS="tests flash mla generate trace" picks a subset (default: the first four),
+#                                  TESTS_K a pytest -k expression, FLASH_ARGS / MLA_ARGS / TRACE_ARGS (e.g. --sweep) add
+#                                  to or override those scripts' arguments
 #   bench/device_run.sh distill    a gqa-125m teacher trained by `zoo train` on $DATA (default .whl/data/input.txt, the
 #                                  carried Tiny Shakespeare), distilled by `zoo distill` into 50% Mamba-2 (AM), 75% Gated
 #                                  DeltaNet + sliding-window attention (GGGS), 50% mLSTM (AX) and MLA;
@@ -58,13 +60,16 @@ case "${1:-bench}" in
     repo=$PWD
     parts=" ${PARTS:-tests flash mla generate} "
     [[ $parts == *" tests "* ]] && (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider \
-      -c "$repo/pyproject.toml" "$repo/tests/test_attention_kernels.py" 2>&1) | tee "$OUT/attention_tests.log" | tail -5
+      -c "$repo/pyproject.toml" "$repo/tests/test_attention_kernels.py" ${TESTS_K:+-k "$TESTS_K"} 2>&1) \
+      | tee "$OUT/attention_tests.log" | tail -5
     [[ $parts == *" flash "* ]] && python3 bench/flash_attention.py ${FLASH_ARGS:-} --out "$OUT/flash_attention.jsonl" 2>&1 \
       | tee "$OUT/flash_attention.log"
     [[ $parts == *" mla "* ]] && python3 bench/attention_kernels.py --batches 64,128 --contexts 8192,32768 ${MLA_ARGS:-} \
       --out "$OUT/attention_kernels.jsonl" 2>&1 | tee "$OUT/attention_kernels.log"
     [[ $parts == *" generate "* ]] && (cd /tmp && python3 "$repo/bench/decode_speed.py" --out "$OUT/decode_speed.jsonl" 2>&1) \
-      | tee "$OUT/decode_speed.log" ;;
+      | tee "$OUT/decode_speed.log"
+    [[ $parts == *" trace "* ]] && JAX_PLATFORMS=cuda python3 bench/device_trace.py --batches 128,64 \
+      --contexts 4096,8192,16384,32768 ${TRACE_ARGS:-} --out "$OUT/device_trace.jsonl" 2>&1 | tee "$OUT/device_trace.log" ;;
   distill)
     repo=$PWD data=$PWD/${DATA:-.whl/data/input.txt}
     common="--data $data --seq-len 512"
