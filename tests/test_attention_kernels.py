@@ -166,10 +166,10 @@ def flash_inputs(rng, layout, dtype, lengths=(37, 71), widths=SMALL_WIDTHS):
 
 
 # Per platform: tiles, random lengths giving several query and key blocks, feature widths. TPU key blocks
-# are multiples of 128 lanes, so that test runs longer rows; the Mosaic GPU forward (Hopper) takes 2 x 64
-# query rows per program, 16-bit inputs and widths that are multiples of 64 (its backward is Triton's).
+# are multiples of 128 lanes, so that test runs longer rows; the Mosaic GPU kernels (Hopper) take 2 x 64
+# rows per program, 16-bit inputs and widths that are multiples of 64, and the backward streams 64-row blocks.
 FLASH_TILES = {"gpu": (FLASH_BLOCKS, (37, 71), SMALL_WIDTHS), "tpu": ((32, 128, 64, 128), (140, 250), SMALL_WIDTHS),
-               "mosaic_gpu": ((128, 64, 16, 32), (140, 250), ((64,), (64,), 64))}
+               "mosaic_gpu": ((128, 64, 64, 64), (140, 250), ((64,), (64,), 64))}
 FLASH_CASES = [(platform, dtype) for platform in FLASH_TILES for dtype in ("float32", "bfloat16")
                if platform != "mosaic_gpu" or dtype == "bfloat16"]
 
@@ -560,6 +560,52 @@ def test_mosaic_gpu_flash_forward_sends_o_through_the_query_buffer_when_memory_i
     real_rows = (positions >= 0)[:, :, None, None]
     assert relative_error(jnp.where(real_rows, out.astype(jnp.float32), 0.0), jnp.where(real_rows, expected, 0.0)) \
         < TOLERANCE["bfloat16"]
+
+
+def _bf16(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+
+def _flash_grad_at(length, q_widths, window):
+    """Gradients of flash attention with platform="mosaic_gpu" at a training shape: 2 rows, 16 heads, one
+    document per row; MLA's second part on one shared key head."""
+    def loss(qs, ks, v):
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
+        segments = jnp.zeros_like(positions)
+        out = flash_attention(qs, ks, v, positions, segments, positions, segments, scale=0.1, window=window,
+                              impl="pallas", platform="mosaic_gpu")
+        return out.astype(jnp.float32).sum()
+
+    qs = tuple(_bf16(2, length, 16, w) for w in q_widths)
+    ks = tuple(_bf16(2, length, 16 if i == 0 else 1, w) for i, w in enumerate(q_widths))
+    return jax.grad(loss, argnums=(0, 1, 2)), (qs, ks, _bf16(2, length, 16, 128))
+
+
+LOWERED_FOR_CUDA = {  # case: (function, argument shapes, Mosaic GPU kernels)
+    "flash fwd+bwd, MHA causal": lambda: (*_flash_grad_at(1024, (128,), None), 3),
+    "flash fwd+bwd, window 128": lambda: (*_flash_grad_at(1024, (128,), 128), 3),
+    "flash fwd+bwd, MLA prefill 128 + 64": lambda: (*_flash_grad_at(1024, (128, 64), None), 3),
+    "MLA decode, 128 heads": lambda: (
+        lambda *a: mla_decode(*a, scale=0.05, impl="pallas", platform="mosaic_gpu"),
+        (_bf16(8, 128, 512), _bf16(8, 128, 64), _bf16(8, 2048, 512), _bf16(8, 2048, 64),
+         jax.ShapeDtypeStruct((8,), jnp.int32)), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOWERED_FOR_CUDA))
+def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(case, monkeypatch):
+    """The compiled (not interpreted) Mosaic GPU kernels at the real tiles and widths, lowered for CUDA on any
+    machine: jax.export for platform "cuda" runs every Pallas -> Mosaic GPU lowering rule (layouts, wgmma and
+    TMA shapes, barrier arities), so a kernel that cannot lower fails here, not in the GPU's device time.
+    (ptxas and the run itself need the GPU: tests above, run there.)"""
+    from jax import export
+
+    from zoo.pallas_kernels import dispatch
+    monkeypatch.setattr(mosaic_gpu, "available", lambda: True)  # as on an sm90 GPU
+    monkeypatch.setattr(dispatch, "_PLATFORMS", {**dispatch._PLATFORMS, "cpu": "gpu"})
+    fn, args, kernels = LOWERED_FOR_CUDA[case]()
+    text = export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels
 
 
 @pytest.mark.parametrize("splits", [1, 3])

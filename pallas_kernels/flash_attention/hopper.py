@@ -1,5 +1,5 @@
-"""Flash attention forward on Hopper GPUs (Pallas Mosaic GPU): FlashAttention-3's warp-specialised
-schedule over ops.py's block lists.
+"""Flash attention on Hopper GPUs (Pallas Mosaic GPU): the forward in FlashAttention-3's warp-specialised
+schedule over ops.py's block lists, and the backward's two kernels (dq; dk and dv) in the same layout.
 
 Each program owns 2 x 64 query rows of one head: two compute warpgroups (64 rows each, the M of one wgmma)
 and a memory warpgroup that streams the key / value blocks of the query block's list into a ring of
@@ -15,7 +15,8 @@ gpu.py, so the log-sum-exp the Triton backward reads includes them. Scores are k
 the scale and log2(e) folded into one multiply); the log-sum-exp is written in base e.
 
 This is the GPU forward where it applies (hopper.supports: an sm90 GPU, 16-bit inputs, widths that
-are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else and every backward.
+are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else. The backward runs where
+platform="mosaic_gpu" asks for it (ops.py), until it is timed against Triton's on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ COMPUTE_WARPGROUPS = 2
 PROGRAM_ROWS = BLOCK_Q * COMPUTE_WARPGROUPS  # query rows per program: ops.py's forward query block
 BLOCK_K = 128
 STAGES = 2  # key / value blocks in flight
+BACKWARD_BLOCK = 64  # queries (dk / dv kernel) or keys (dq kernel) a streamed block of the backward holds
+BACKWARD_STAGES = 2
 
 
 def default_blocks(window):
@@ -72,6 +75,38 @@ def supports(qs, ks, v, block_k: int = BLOCK_K) -> str | None:
     return None
 
 
+def _walk(step, interior, documents_end, count, carry):
+    """step(t, carry, mask) over a walk's blocks: those seen whole unmasked, then those within one document
+    masked by position ("positions"), then the rest masked element by element ("all")."""
+    carry = lax.fori_loop(0, interior, functools.partial(step, mask=None), carry)
+    carry = lax.fori_loop(interior, documents_end, functools.partial(step, mask="positions"), carry)
+    return lax.fori_loop(documents_end, count, functools.partial(step, mask="all"), carry)
+
+
+def _load_meta(meta_smem, mask, layout):
+    """A block's (positions, segment ids) from its [2, n] metadata buffer, as far as `mask` needs them."""
+    positions = plgpu.load(meta_smem.at[0], layout=layout) if mask else None
+    segments = plgpu.load(meta_smem.at[1], layout=layout) if mask == "all" else None
+    return positions, segments
+
+
+def _mask_scores(s, mask, queries, keys, *, keys_as_rows, window, sink_tokens):
+    """Scores with the pairs masking.visible rejects set to -inf. queries / keys: (positions, segment ids) of
+    the tile's rows and columns (keys_as_rows: the transposed [keys, queries] tiles of the backward);
+    mask None (seen whole), "positions" (one document of real tokens: the position tests alone) or "all"."""
+    if not mask:
+        return s
+    by_row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])  # noqa: E731
+    by_column = lambda x: lax.broadcast_in_dim(x, s.shape, [1])  # noqa: E731
+    for_q, for_k = (by_column, by_row) if keys_as_rows else (by_row, by_column)
+    (q_pos, q_seg), (k_pos, k_seg) = queries, keys
+    if mask == "all":
+        seen = visible(for_q(q_pos), for_q(q_seg), for_k(k_pos), for_k(k_seg), window=window, sink_tokens=sink_tokens)
+    else:
+        seen = visible_in_document(for_q(q_pos), for_k(k_pos), window=window, sink_tokens=sink_tokens)
+    return jnp.where(seen, s, -jnp.inf)
+
+
 def _programs(tiles: int, interpret: bool) -> int:
     """One persistent program per SM (a few in interpret mode, so each walks several tiles)."""
     if interpret:
@@ -88,6 +123,7 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
     dv, dtype, parts = v.shape[-1], v.dtype, len(qs)
     counts, interiors, documents, lists = walk
     score_scale = scale * LOG2E
+    masking = dict(window=window, sink_tokens=sink_tokens)
     kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
     # o gets its own buffer where shared memory allows: then a tile's query buffer is handed back after its last
     # score matmul and the next tile's queries load during this one's softmax and output store.
@@ -164,22 +200,10 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
                             @pl.when(t == count - 1)  # the last score matmul: the queries may be replaced
                             def _():
                                 plgpu.barrier_arrive(q_free.at[wg])
-                        if mask:  # read the slots' positions before the stage is handed back
-                            k_pos = plgpu.load(k_meta_smem.at[slot, 0], layout=COLUMNS)
-                        if mask == "all":
-                            k_seg = plgpu.load(k_meta_smem.at[slot, 1], layout=COLUMNS)
+                        # read the slots' positions before the stage is handed back
+                        k_pos, k_seg = _load_meta(k_meta_smem.at[slot], mask, COLUMNS)
                         plgpu.barrier_arrive(k_free.at[slot])
-                        if mask:
-                            shape = (BLOCK_Q, block_k)
-                            by_row = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
-                            by_column = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
-                            if mask == "all":
-                                seen = visible(by_row(q_pos), by_row(q_seg), by_column(k_pos), by_column(k_seg),
-                                               window=window, sink_tokens=sink_tokens)
-                            else:  # one document of real tokens: the position tests alone
-                                seen = visible_in_document(by_row(q_pos), by_column(k_pos), window=window,
-                                                           sink_tokens=sink_tokens)
-                            s = jnp.where(seen, s, -jnp.inf)
+                        s = _mask_scores(s, mask, (q_pos, q_seg), (k_pos, k_seg), keys_as_rows=False, **masking)
                         new_max = jnp.maximum(running_max, s.max(axis=1) * score_scale)
                         rescale = jnp.exp2(running_max - new_max)
                         probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
@@ -204,11 +228,7 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
                         plgpu.barrier_arrive(v_free.at[slot])
                         return acc, new_max, total
 
-                    carry = (acc, running_max, total)
-                    carry = lax.fori_loop(0, interior, functools.partial(step, mask=None), carry)
-                    carry = lax.fori_loop(interior, documents_end, functools.partial(step, mask="positions"), carry)
-                    acc, running_max, total = lax.fori_loop(documents_end, count, functools.partial(step, mask="all"),
-                                                            carry)
+                    acc, running_max, total = _walk(step, interior, documents_end, count, (acc, running_max, total))
                     pl.when(wg == 0)(take_turn)
                     if own_o:
                         @pl.when(count == 0)
@@ -315,3 +335,237 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
         interpret=interpret_params(interpret),
     )
     return run(counts, interiors, documents, lists, sinks, q_meta, k_meta, *qs, *ks, v)
+
+
+def supports_backward(qs, ks, v, blocks) -> str | None:
+    """None when backward() takes the inputs with (backward q, backward k) blocks, else why not."""
+    refusal = supports(qs, ks, v)
+    if refusal:
+        return refusal
+    if tuple(blocks) != (BACKWARD_BLOCK, BACKWARD_BLOCK):
+        return f"the Mosaic GPU backward streams blocks of {BACKWARD_BLOCK} queries / keys, got {tuple(blocks)}"
+    width = sum(q.shape[-1] for q in qs) + v.shape[-1]
+    needed = v.dtype.itemsize * width * (PROGRAM_ROWS + BACKWARD_STAGES * BACKWARD_BLOCK) + 4096
+    if needed > mosaic_gpu.SHARED_MEMORY:
+        return f"the backward needs {needed} bytes of shared memory, more than {mosaic_gpu.SHARED_MEMORY}"
+    return None
+
+
+def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale, window, sink_tokens, interpret):
+    """Gradients as gpu.backward (same arguments and results), by two Mosaic GPU kernels in the forward's
+    layout: 2 x 64 rows a program, one compute warpgroup per 64, a memory warpgroup streaming the walk's
+    64-row blocks of the other side with TMA. The dq kernel holds a query tile's q parts and dO and streams key
+    and value blocks (q_walk per PROGRAM_ROWS queries over 64-key blocks); the dk / dv kernel holds a key
+    tile's k parts and values and streams query blocks with their dO, log-sum-exp and delta (k_walk per
+    PROGRAM_ROWS keys over 64-query blocks), on transposed scores [keys, queries] so that dv and dk are plain
+    products with the probabilities as the register operand."""
+    batch, length, heads, _ = qs[0].shape
+    slots, dtype, parts = v.shape[1], v.dtype, len(qs)
+    kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
+    block = BACKWARD_BLOCK
+    score_scale = scale * LOG2E
+    masking = dict(window=window, sink_tokens=sink_tokens)
+    stats = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, H, 2, T]: base-2 log-sum-exp and delta, one copy a block
+    grad_dtype = lambda x: x.dtype if x.shape[2] == heads else F32  # noqa: E731 (as gpu.backward)
+
+    def kv_head_of(head):
+        return [lax.div(head, jnp.int32(heads // kv)) for kv in kv_heads]
+
+    def as_smem(x, smem, wg):
+        """A register operand for wgmma; the interpreter's wgmma reads its left operand from shared memory."""
+        if not interpret:
+            return x
+        smem.at[wg][...] = x
+        plgpu.commit_smem()
+        return smem.at[wg]
+
+    def scoped_kernel(body, resident_widths, streamed_widths, resident_arrivals, streamed_arrivals):
+        """The shared memory both kernels use: per compute warpgroup its resident rows, per stage the streamed
+        block, their [2, n] positions / segments (and for streamed queries their [2, n] statistics)."""
+        return lambda: pl.run_scoped(
+            body,
+            [plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_Q, w), dtype, transforms=TILE) for w in resident_widths],
+            [plgpu.SMEM((BACKWARD_STAGES, block, w), dtype, transforms=TILE) for w in streamed_widths],
+            plgpu.SMEM((COMPUTE_WARPGROUPS, 2, BLOCK_Q), jnp.int32),
+            plgpu.SMEM((BACKWARD_STAGES, 2, block), jnp.int32),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, 2, BLOCK_Q), F32),  # the dq kernel's rows' statistics
+            plgpu.SMEM((BACKWARD_STAGES, 2, block), F32),  # the dk / dv kernel's streamed queries' statistics
+            plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_Q, block), dtype, transforms=TILE) if interpret else None,
+            plgpu.Barrier(num_arrivals=resident_arrivals, num_barriers=COMPUTE_WARPGROUPS),  # resident rows loaded
+            plgpu.Barrier(num_arrivals=streamed_arrivals, num_barriers=BACKWARD_STAGES),  # a block loaded
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=BACKWARD_STAGES),  # ... and released
+            collective_axes="wg",
+        )
+
+    def stream(count, load):
+        """The memory warpgroup's loop: block t of the walk into stage t % STAGES once its last use is released;
+        then the last releases, so that every barrier phase is waited for once."""
+        def run(free):
+            @pl.loop(0, count)
+            def _(t):
+                slot = lax.rem(t, BACKWARD_STAGES)
+
+                @pl.when(t >= BACKWARD_STAGES)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
+                load(t, slot)
+
+            for t in range(BACKWARD_STAGES):
+                @pl.when(count - BACKWARD_STAGES + t >= 0)
+                def _():
+                    plgpu.barrier_wait(free.at[lax.rem(count - BACKWARD_STAGES + t, BACKWARD_STAGES)])
+        return run
+
+    def launch(kernel, out_type, grid, args):
+        return plgpu.kernel(
+            kernel, out_type=out_type, grid=grid, grid_names=("heads", "tiles", "rows"),
+            num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+            compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret_params(interpret),
+        )(*args)
+
+    def dq_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, stats_ref, *refs):
+        q_refs, k_refs, (v_ref, do_ref), dq_refs = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2], \
+            refs[2 * parts + 2:]
+        head, tile, row = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("rows")
+        count = counts_ref[row, tile]
+
+        def body(resident, streamed, q_meta_smem, k_meta_smem, rows_stats_smem, _, operand_smem, q_bar, k_bar, k_free):
+            q_smems, do_smem = resident[:parts], resident[parts]
+            k_smems, v_smem = streamed[:parts], streamed[parts]
+            wg = lax.axis_index("wg")
+            rows = lambda w: pl.ds(tile * PROGRAM_ROWS + w * BLOCK_Q, BLOCK_Q)  # noqa: E731
+
+            @pl.when(wg < COMPUTE_WARPGROUPS)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.barrier_wait(q_bar.at[wg])
+                queries = _load_meta(q_meta_smem.at[wg], "all", ROWS)
+                lse = plgpu.load(rows_stats_smem.at[wg, 0], layout=ROWS)
+                delta_rows = plgpu.load(rows_stats_smem.at[wg, 1], layout=ROWS)
+
+                def step(t, grads, mask):
+                    slot = lax.rem(t, BACKWARD_STAGES)
+                    plgpu.barrier_wait(k_bar.at[slot])
+
+                    def scores_and_dprobs(acc_refs):
+                        s_ref, dp_ref = acc_refs
+                        for q_smem, k_smem in zip(q_smems, k_smems):
+                            plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
+                        plgpu.wgmma(dp_ref, do_smem.at[wg], v_smem.at[slot].T)
+                        return s_ref[...], dp_ref[...]
+
+                    s, dp = pl.run_scoped(scores_and_dprobs, (plgpu.ACC((BLOCK_Q, block), F32),) * 2)
+                    s = _mask_scores(s, mask, queries, _load_meta(k_meta_smem.at[slot], mask, COLUMNS),
+                                     keys_as_rows=False, **masking)
+                    probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    dscores = (probs * (dp - lax.broadcast_in_dim(delta_rows, s.shape, [0]))).astype(dtype)
+                    dscores = as_smem(dscores, operand_smem, wg)
+                    grads = tuple(accumulate(g, dscores, k_smem.at[slot], interpret) for g, k_smem in zip(grads, k_smems))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return grads
+
+                zeros = tuple(plgpu.layout_cast(jnp.zeros((BLOCK_Q, q.shape[-1]), F32), plgpu.Layout.WGMMA) for q in qs)
+                grads = _walk(step, interiors_ref[row, tile], documents_ref[row, tile], count, zeros)
+                for dq_ref, g in zip(dq_refs, grads):
+                    dq_ref.at[row, rows(wg), head][...] = (g * scale).astype(dq_ref.dtype)
+
+            @pl.when(wg == COMPUTE_WARPGROUPS)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+                for w in range(COMPUTE_WARPGROUPS):
+                    for ref, smem in zip((*q_refs, do_ref), resident):
+                        plgpu.copy_gmem_to_smem(ref.at[row, rows(w), head], smem.at[w], q_bar.at[w])
+                    plgpu.copy_gmem_to_smem(q_meta_ref.at[row, :, rows(w)], q_meta_smem.at[w], q_bar.at[w])
+                    plgpu.copy_gmem_to_smem(stats_ref.at[row, head, :, rows(w)], rows_stats_smem.at[w], q_bar.at[w])
+                kv_head = kv_head_of(head)
+
+                def load(t, slot):
+                    keys = pl.ds(lists_ref[row, tile, t] * block, block)
+                    for ref, smem, h in zip((*k_refs, v_ref), streamed, kv_head):
+                        plgpu.copy_gmem_to_smem(ref.at[row, keys, h], smem.at[slot], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(k_meta_ref.at[row, :, keys], k_meta_smem.at[slot], k_bar.at[slot])
+
+                stream(count, load)(k_free)
+
+        widths = [q.shape[-1] for q in qs] + [v.shape[-1]]
+        scoped_kernel(body, widths, widths, parts + 3, parts + 2)()
+
+    def dkv_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, stats_ref, *refs):
+        q_refs, k_refs, (v_ref, do_ref) = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2]
+        dv_ref, dk_refs = refs[2 * parts + 2], refs[2 * parts + 3:]
+        head, tile, row = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("rows")
+        count = counts_ref[row, tile]
+
+        def body(resident, streamed, k_meta_smem, q_meta_smem, _, stats_smem, operand_smem, k_bar, q_bar, q_free):
+            k_smems, v_smem = resident[:parts], resident[parts]
+            q_smems, do_smem = streamed[:parts], streamed[parts]
+            wg = lax.axis_index("wg")
+            rows = lambda w: pl.ds(tile * PROGRAM_ROWS + w * BLOCK_Q, BLOCK_Q)  # noqa: E731
+
+            @pl.when(wg < COMPUTE_WARPGROUPS)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.barrier_wait(k_bar.at[wg])
+                keys = _load_meta(k_meta_smem.at[wg], "all", ROWS)
+
+                def step(t, carry, mask):
+                    dv, dks = carry
+                    slot = lax.rem(t, BACKWARD_STAGES)
+                    plgpu.barrier_wait(q_bar.at[slot])
+
+                    def scores_and_dprobs(acc_refs):
+                        s_ref, dp_ref = acc_refs
+                        for k_smem, q_smem in zip(k_smems, q_smems):
+                            plgpu.wgmma(s_ref, k_smem.at[wg], q_smem.at[slot].T)
+                        plgpu.wgmma(dp_ref, v_smem.at[wg], do_smem.at[slot].T)
+                        return s_ref[...], dp_ref[...]
+
+                    s, dp = pl.run_scoped(scores_and_dprobs, (plgpu.ACC((BLOCK_Q, block), F32),) * 2)
+                    s = _mask_scores(s, mask, _load_meta(q_meta_smem.at[slot], mask, COLUMNS), keys, keys_as_rows=True,
+                                     **masking)
+                    lse = plgpu.load(stats_smem.at[slot, 0], layout=COLUMNS)
+                    delta_columns = plgpu.load(stats_smem.at[slot, 1], layout=COLUMNS)
+                    probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(lse, s.shape, [1]))
+                    dv = accumulate(dv, as_smem(probs.astype(dtype), operand_smem, wg), do_smem.at[slot], interpret)
+                    dscores = (probs * (dp - lax.broadcast_in_dim(delta_columns, s.shape, [1]))).astype(dtype)
+                    dscores = as_smem(dscores, operand_smem, wg)
+                    dks = tuple(accumulate(g, dscores, q_smem.at[slot], interpret) for g, q_smem in zip(dks, q_smems))
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dv, dks
+
+                zeros = lambda width: plgpu.layout_cast(jnp.zeros((BLOCK_Q, width), F32), plgpu.Layout.WGMMA)  # noqa: E731
+                dv, dks = _walk(step, interiors_ref[row, tile], documents_ref[row, tile], count,
+                                (zeros(v.shape[-1]), tuple(zeros(k.shape[-1]) for k in ks)))
+                dv_ref.at[row, rows(wg), head][...] = dv.astype(dv_ref.dtype)
+                for dk_ref, g in zip(dk_refs, dks):
+                    dk_ref.at[row, rows(wg), head][...] = (g * scale).astype(dk_ref.dtype)
+
+            @pl.when(wg == COMPUTE_WARPGROUPS)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+                for w in range(COMPUTE_WARPGROUPS):
+                    for ref, smem, h in zip((*k_refs, v_ref), resident, kv_head_of(head)):
+                        plgpu.copy_gmem_to_smem(ref.at[row, rows(w), h], smem.at[w], k_bar.at[w])
+                    plgpu.copy_gmem_to_smem(k_meta_ref.at[row, :, rows(w)], k_meta_smem.at[w], k_bar.at[w])
+
+                def load(t, slot):
+                    queries = pl.ds(lists_ref[row, tile, t] * block, block)
+                    for ref, smem in zip((*q_refs, do_ref), streamed):
+                        plgpu.copy_gmem_to_smem(ref.at[row, queries, head], smem.at[slot], q_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(q_meta_ref.at[row, :, queries], q_meta_smem.at[slot], q_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(stats_ref.at[row, head, :, queries], stats_smem.at[slot], q_bar.at[slot])
+
+                stream(count, load)(q_free)
+
+        widths = [k.shape[-1] for k in ks] + [v.shape[-1]]
+        scoped_kernel(body, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 3)()
+
+    walk_args = lambda walk: (walk.counts, walk.interiors, walk.documents, walk.lists)  # noqa: E731
+    dqs = launch(dq_kernel, [jax.ShapeDtypeStruct(q.shape, q.dtype) for q in qs],
+                 (heads, length // PROGRAM_ROWS, batch), (*walk_args(q_walk), q_meta, k_meta, stats, *qs, *ks, v, do))
+    dv, *dks = launch(dkv_kernel,
+                      [jax.ShapeDtypeStruct((batch, slots, heads, x.shape[-1]), grad_dtype(x)) for x in (v, *ks)],
+                      (heads, slots // PROGRAM_ROWS, batch),
+                      (*walk_args(k_walk), q_meta, k_meta, stats, *qs, *ks, v, do))
+    return tuple(dqs), tuple(dks), dv

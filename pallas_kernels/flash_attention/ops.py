@@ -8,7 +8,8 @@ shared by all heads); every part's and v's head count divides the query heads (G
 gpt-oss-style learned sinks, a zero-valued entry in each row's softmax.
 
 GPUs: hopper.py (Mosaic GPU: wgmma, TMA, warp specialisation) runs the forward on sm90 GPUs where it
-applies (hopper.supports), gpu.py (Triton) every other forward and every backward; TPUs: tpu.py (Mosaic);
+applies (hopper.supports), and its backward where platform="mosaic_gpu" asks for it; gpu.py (Triton) every
+other forward and backward; TPUs: tpu.py (Mosaic);
 elsewhere impl="auto" runs the XLA reference. Under a mesh the kernels run per shard (dispatch.per_shard).
 """
 
@@ -46,8 +47,9 @@ class _Static(NamedTuple):
     sink_tokens: int
     has_sink: bool
     blocks: tuple[int, int, int, int]  # forward (q, k), backward (q, k)
-    platform: str  # "gpu" (Triton), "mosaic_gpu" (Triton backward) or "tpu" (Mosaic)
+    platform: str  # the forward's kernel: "gpu" (Triton), "mosaic_gpu" or "tpu" (Mosaic)
     interpret: bool
+    backward: str = "gpu"  # the backward's: "gpu" (Triton), "mosaic_gpu" or "tpu"
 
 
 def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *, scale: float,
@@ -56,8 +58,8 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     """q [B, T, H, D] (or a tuple of parts), k [B, S, KV, D] (or matching parts [B, S, KV_i, D_i]),
     v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
     [B, T, H, Dv] in v's dtype. platform: None (the one JAX runs on; on a GPU the Mosaic GPU forward where
-    it applies, else Triton), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward; an error where it does not
-    apply) or "tpu". blocks: (forward q, forward k, backward q, backward k) tile lengths: with Triton powers
+    it applies, else Triton), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward, an error where it does not
+    apply, and the Mosaic GPU backward where hopper.supports_backward, else Triton's) or "tpu". blocks: (forward q, forward k, backward q, backward k) tile lengths: with Triton powers
     of two >= 16 (default: gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block
     is hopper.PROGRAM_ROWS and its key blocks multiples of 64 (default: hopper.default_blocks), on TPUs query
     blocks multiples of 8 and key blocks of 128 (default: tpu.BLOCKS)."""
@@ -77,7 +79,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
                              f"are multiples of 64, got {blocks}")
     if kind in ("gpu", "mosaic_gpu"):
         blocks = blocks or gpu.default_blocks(window)
-        backward_blocks = blocks[2:] if kind == "mosaic_gpu" else blocks
+        backward_blocks = blocks[2:] if kind == "mosaic_gpu" else blocks  # the Mosaic forward's were checked above
         if any(b < 16 or b & (b - 1) for b in backward_blocks):
             raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
     else:
@@ -88,7 +90,10 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     heads = qs[0].shape[2]
     has_sink = sink_logits is not None
     sinks = (sink_logits if has_sink else jnp.zeros((heads,))).astype(jnp.float32)
-    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), kind, backend.interpret)
+    backward = kind
+    if kind == "mosaic_gpu" and (platform != "mosaic_gpu" or hopper.supports_backward(qs, ks, v, blocks[2:])):
+        backward = "gpu"  # the Mosaic GPU backward runs where asked for, until timed against Triton's (BENCHMARKS.md)
+    static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), kind, backend.interpret, backward)
     ints = [x.astype(jnp.int32) for x in (q_positions, q_segments, k_positions, k_segments)]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -171,6 +176,8 @@ def _prepare(static: _Static, qs, ks, v, q_pos, q_seg, k_pos, k_seg):
     on GPUs, features to Triton's power-of-two tiles."""
     block_t = math.lcm(static.blocks[0], static.blocks[2])  # both passes' tiles divide the padded lengths
     block_s = math.lcm(static.blocks[1], static.blocks[3])
+    if static.backward == "mosaic_gpu":  # its tiles: hopper.PROGRAM_ROWS queries (dq), as many keys (dk / dv)
+        block_t, block_s = math.lcm(block_t, hopper.PROGRAM_ROWS), math.lcm(block_s, hopper.PROGRAM_ROWS)
     length = -(-qs[0].shape[1] // block_t) * block_t
     slots = -(-v.shape[1] // block_s) * block_s
     width = triton_width if static.platform == "gpu" else (lambda n: n)  # Mosaic blocks take whole widths
@@ -230,18 +237,24 @@ def _attention_backward(static, residuals, do):
     qs, ks, v, sinks, q_pos, q_seg, k_pos, k_seg, o, lse = residuals
     batch, length, heads, _ = qs[0].shape
     slots = v.shape[1]
-    if static.platform == "mosaic_gpu":  # its backward is Triton's
-        static = static._replace(platform="gpu")
+    # The lengths were padded for both passes' tiles (_prepare's lcm); Triton's backward pads widths again.
+    static = static._replace(platform=static.backward)
     pqs, pks, pv, pq_pos, pq_seg, pk_pos, pk_seg = _prepare(static, qs, ks, v, q_pos, q_seg, k_pos, k_seg)
     do = pad_axis(do.astype(pv.dtype), 1, o.shape[1])
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     do = pad_axis(do, 3, pv.shape[-1])
-    q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
+    if static.platform == "mosaic_gpu":  # tiles of hopper.PROGRAM_ROWS rows, streaming blocks of the other side
+        q_walk, _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, hopper.PROGRAM_ROWS, hopper.BACKWARD_BLOCK)
+        _, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, hopper.BACKWARD_BLOCK, hopper.PROGRAM_ROWS)
+        dqs, dks, dv = hopper.backward(pqs, pks, pv, do, lse, delta, jnp.stack([pq_pos, pq_seg], axis=1),
+                                       jnp.stack([pk_pos, pk_seg], axis=1), q_walk, k_walk, **_kernel_args(static))
+    else:
+        q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
     tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))
     if static.platform == "gpu":
         dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, k_walk,
                                     **tiles)
-    else:
+    elif static.platform == "tpu":
         dqs, dks, dv = tpu.backward(*_heads_major(pqs, pks, pv), _heads_minor(do), lse[..., None], delta[..., None],
                                     *_columns_and_rows(pq_pos, pq_seg, pk_pos, pk_seg), q_walk, k_walk, **tiles)
         dqs, dks, dv = tuple(map(_heads_minor, dqs)), tuple(map(_heads_minor, dks)), _heads_minor(dv)
