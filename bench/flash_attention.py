@@ -5,6 +5,8 @@
     python bench/flash_attention.py --sweep                        # Triton tiles and warps at one shape
     python bench/flash_attention.py --sweep-only --mosaic-sweep    # and the Mosaic GPU forward's key blocks, stages
     python bench/flash_attention.py --backward-sweep mha,mla       # the backward's tiles: device time per kernel
+    python bench/flash_attention.py --backward-sweep mha,gqa,mla --backward-configs mosaic,64x64x4x3
+                                                                   # the Mosaic GPU backward against Triton's default
 
 Shapes: B 8, T 4096, 16 heads, head dim 128, bf16, causal; windows: none (full causal) and T/8. cuDNN takes the
 window as local_window_size=(window - 1, 0). torch SDPA runs its flash backend for full causal (is_causal) and,
@@ -143,7 +145,7 @@ def measure(case, repeats, peers=True):
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
     platform = case.get("platform") or gpu_kernel(qs, ks, v)
     blocks = case.get("blocks") or (hopper if platform == "mosaic_gpu" else gpu).default_blocks(window)
-    forward, grad = zoo_fns(length, batch, window, scale, blocks, platform)
+    forward, grad = zoo_fns(length, batch, window, scale, blocks, case.get("platform"))  # None: as impl="auto" runs
     flops = attention_flops(batch, length, heads, sum(dims), dim_v, window)
     record = {**{k: v_ for k, v_ in case.items() if k not in ("blocks", "platform")}, "dtype": "bfloat16",
               "forward_kernel": platform, "blocks": list(blocks)}
@@ -182,15 +184,17 @@ def measure(case, repeats, peers=True):
     return record
 
 
-# (backward q block, backward k block, warps, stages); the first is gpu.py's default
-BACKWARD_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+# (backward q block, backward k block, warps, stages) of the Triton backward, the first gpu.py's default; or
+# "mosaic": the Mosaic GPU backward (hopper.backward: 2 x 64-row tiles streaming 64-row blocks)
+BACKWARD_CONFIGS = ["mosaic", (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                     (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
 
 
 def backward_sweep(case, repeats, emit, configs=BACKWARD_CONFIGS):
-    """The Triton backward's tiles, warps and stages on one case, the forward as impl="pallas" picks it: per
-    config the forward+backward call's wall time and, from jax.profiler's device trace, each kernel's median
-    device time (the dq and dk/dv kernels, the forward, XLA's fusions around them)."""
+    """The Triton backward's tiles, warps and stages on one case, and the Mosaic GPU backward ("mosaic"), the
+    forward as impl="pallas" picks it: per config the forward+backward call's wall time, from jax.profiler's
+    device trace each kernel's median device time (the dq and dk/dv kernels, the forward, XLA's fusions around
+    them), and the gradients' relative max error against the default Triton backward's."""
     from device_trace import device_kernels  # the profiler's per-kernel times
 
     batch, length, heads, kv_heads = case["batch"], case["length"], case["heads"], case["kv_heads"]
@@ -199,12 +203,24 @@ def backward_sweep(case, repeats, emit, configs=BACKWARD_CONFIGS):
     platform = gpu_kernel(qs, ks, v)
     forward_blocks = (hopper if platform == "mosaic_gpu" else gpu).default_blocks(window)[:2]
     defaults = gpu.BACKWARD_WARPS, gpu.STAGES
-    for block_q, block_k, warps, stages in configs:
-        gpu.BACKWARD_WARPS, gpu.STAGES = warps, stages
-        record = {**case, "dtype": "bfloat16", "forward_kernel": platform, "backward_blocks": [block_q, block_k],
-                  "backward_warps": warps, "stages": stages}
+    scale = sum(dims) ** -0.5
+    _, triton_grad = zoo_fns(length, batch, window, scale)
+    expected = triton_grad(qs, ks, v, w)
+    for config in configs:
+        if config == "mosaic":
+            backward = (hopper.BACKWARD_BLOCK,) * 2
+            record = {**case, "dtype": "bfloat16", "forward_kernel": platform, "backward_kernel": "mosaic_gpu",
+                      "backward_blocks": list(backward), "stages": hopper.BACKWARD_STAGES}
+            _, grad = zoo_fns(length, batch, window, scale, (*forward_blocks, *backward), "mosaic_gpu")
+        else:
+            block_q, block_k, warps, stages = config
+            gpu.BACKWARD_WARPS, gpu.STAGES = warps, stages
+            record = {**case, "dtype": "bfloat16", "forward_kernel": platform, "backward_kernel": "gpu",
+                      "backward_blocks": [block_q, block_k], "backward_warps": warps, "stages": stages}
+            _, grad = zoo_fns(length, batch, window, scale, (*forward_blocks, block_q, block_k))
         try:
-            _, grad = zoo_fns(length, batch, window, sum(dims) ** -0.5, (*forward_blocks, block_q, block_k), platform)
+            record["err_vs_triton_backward"] = max(relative_max_error(g, e) for g, e in
+                                                   zip(jax.tree.leaves(grad(qs, ks, v, w)), jax.tree.leaves(expected)))
             record["zoo_fwdbwd_ms"] = 1e3 * time_jax(grad, qs, ks, v, w, repeats=repeats)
             kernels = device_kernels(grad, qs, ks, v, w, calls=10)
             record["device_us"] = {name: round(us, 1) for name, (_, us) in kernels.items()}
@@ -227,7 +243,8 @@ def main():
     parser.add_argument("--backward-sweep", default="", help="the backward's tiles on these cases: mha (full causal), "
                         "gqa (16/4, full causal), mla (prefill, 128 + 64), comma-separated")
     parser.add_argument("--backward-configs", default="",
-                        help="q block x k block x warps x stages, comma-separated (default: BACKWARD_CONFIGS)")
+                        help="q block x k block x warps x stages of the Triton backward, or 'mosaic' (the Mosaic GPU "
+                        "backward), comma-separated (default: BACKWARD_CONFIGS)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
@@ -269,7 +286,7 @@ def main():
                 print(f"mosaic block_k {block_k} stages {stages}: {type(error).__name__}: {str(error)[:300]}", flush=True)
         hopper.STAGES = default_stages
     if args.backward_sweep:
-        configs = ([tuple(map(int, c.split("x"))) for c in args.backward_configs.split(",")]
+        configs = ([c if c == "mosaic" else tuple(map(int, c.split("x"))) for c in args.backward_configs.split(",")]
                    if args.backward_configs else BACKWARD_CONFIGS)
         named = {"mha": base, "gqa": {**base, "kv_heads": 4}, "mla": {**base, "dims": (128, 64)}}
         for name in args.backward_sweep.split(","):
