@@ -5,7 +5,7 @@
     python bench/flash_attention.py --sweep                        # Triton tiles and warps at one shape
     python bench/flash_attention.py --sweep-only --mosaic-sweep    # and the Mosaic GPU forward's key blocks, stages
     python bench/flash_attention.py --backward-sweep mha,mla       # the backward's tiles: device time per kernel
-    python bench/flash_attention.py --backward-sweep mha,gqa,mla --backward-configs mosaic,64x64x4x3
+    python bench/flash_attention.py --backward-sweep mha,gqa,mla --backward-configs mosaic64x64,64x64x4x3
                                                                    # the Mosaic GPU backward against Triton's default
 
 Shapes: B 8, T 4096, 16 heads, head dim 128, bf16, causal; windows: none (full causal) and T/8. cuDNN takes the
@@ -185,8 +185,9 @@ def measure(case, repeats, peers=True):
 
 
 # (backward q block, backward k block, warps, stages) of the Triton backward, the first gpu.py's default; or
-# "mosaic": the Mosaic GPU backward (hopper.backward: 2 x 64-row tiles streaming 64-row blocks)
-BACKWARD_CONFIGS = ["mosaic", (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+# ("mosaic", q block, k block): the Mosaic GPU backward (hopper.backward: 2 x 64-row tiles, streaming blocks of
+# q block queries to the dk / dv kernel and of k block keys to the dq kernel)
+BACKWARD_CONFIGS = [("mosaic", 64, 64), ("mosaic", 128, 64), ("mosaic", 64, 128), (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                     (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3)]
 
 
@@ -207,11 +208,14 @@ def backward_sweep(case, repeats, emit, configs=BACKWARD_CONFIGS):
     _, triton_grad = zoo_fns(length, batch, window, scale)
     expected = triton_grad(qs, ks, v, w)
     for config in configs:
-        if config == "mosaic":
-            backward = (hopper.BACKWARD_BLOCK,) * 2
+        if config[0] == "mosaic":
             record = {**case, "dtype": "bfloat16", "forward_kernel": platform, "backward_kernel": "mosaic_gpu",
-                      "backward_blocks": list(backward), "stages": hopper.BACKWARD_STAGES}
-            _, grad = zoo_fns(length, batch, window, scale, (*forward_blocks, *backward), "mosaic_gpu")
+                      "backward_blocks": list(config[1:]), "stages": hopper.BACKWARD_STAGES}
+            refusal = hopper.supports_backward(qs, ks, v, config[1:])
+            if refusal:  # flash_attention would run Triton's backward instead
+                emit({**record, "error": refusal})
+                continue
+            _, grad = zoo_fns(length, batch, window, scale, (*forward_blocks, *config[1:]), "mosaic_gpu")
         else:
             block_q, block_k, warps, stages = config
             gpu.BACKWARD_WARPS, gpu.STAGES = warps, stages
@@ -243,8 +247,8 @@ def main():
     parser.add_argument("--backward-sweep", default="", help="the backward's tiles on these cases: mha (full causal), "
                         "gqa (16/4, full causal), mla (prefill, 128 + 64), comma-separated")
     parser.add_argument("--backward-configs", default="",
-                        help="q block x k block x warps x stages of the Triton backward, or 'mosaic' (the Mosaic GPU "
-                        "backward), comma-separated (default: BACKWARD_CONFIGS)")
+                        help="q block x k block x warps x stages of the Triton backward, or mosaicQxK (the Mosaic GPU "
+                        "backward streaming Q-query and K-key blocks), comma-separated (default: BACKWARD_CONFIGS)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
@@ -286,8 +290,12 @@ def main():
                 print(f"mosaic block_k {block_k} stages {stages}: {type(error).__name__}: {str(error)[:300]}", flush=True)
         hopper.STAGES = default_stages
     if args.backward_sweep:
-        configs = ([c if c == "mosaic" else tuple(map(int, c.split("x"))) for c in args.backward_configs.split(",")]
-                   if args.backward_configs else BACKWARD_CONFIGS)
+        def config(text):  # "64x64x4x3" (Triton) or "mosaic64x64"
+            mosaic = text.startswith("mosaic")
+            numbers = tuple(map(int, text.removeprefix("mosaic").split("x")))
+            return ("mosaic", *numbers) if mosaic else numbers
+
+        configs = [config(c) for c in args.backward_configs.split(",")] if args.backward_configs else BACKWARD_CONFIGS
         named = {"mha": base, "gqa": {**base, "kv_heads": 4}, "mla": {**base, "dims": (128, 64)}}
         for name in args.backward_sweep.split(","):
             backward_sweep(named[name], args.repeats, emit, configs)

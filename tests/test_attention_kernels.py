@@ -170,8 +170,9 @@ def flash_inputs(rng, layout, dtype, lengths=(37, 71), widths=SMALL_WIDTHS):
 # rows per program, 16-bit inputs and widths that are multiples of 64, and the backward streams 64-row blocks.
 FLASH_TILES = {"gpu": (FLASH_BLOCKS, (37, 71), SMALL_WIDTHS), "tpu": ((32, 128, 64, 128), (140, 250), SMALL_WIDTHS),
                "mosaic_gpu": ((128, 64, 64, 64), (140, 250), ((64,), (64,), 64))}
-FLASH_CASES = [(platform, dtype) for platform in FLASH_TILES for dtype in ("float32", "bfloat16")
-               if platform != "mosaic_gpu" or dtype == "bfloat16"]
+FLASH_CASES = [(platform, dtype, FLASH_TILES[platform][0]) for platform in FLASH_TILES
+               for dtype in ("float32", "bfloat16") if platform != "mosaic_gpu" or dtype == "bfloat16"]
+FLASH_CASES.append(("mosaic_gpu", "bfloat16", (128, 64, 128, 128)))  # the backward's 128-row streamed blocks
 
 
 def flash_impl(platform):
@@ -181,12 +182,12 @@ def flash_impl(platform):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("platform, dtype", FLASH_CASES)
-def test_flash_attention_matches_reference(rng, platform, layout, dtype):
+@pytest.mark.parametrize("platform, dtype, blocks", FLASH_CASES)
+def test_flash_attention_matches_reference(rng, platform, layout, dtype, blocks):
     """Forward and the gradients of every differentiable input (q and k parts, v, sink logits) against the
     dense masked softmax of zoo.layers.attention, on random lengths that are not multiples of the blocks,
     packed documents, padding, grouped heads, windows crossing blocks."""
-    blocks, lengths, widths = FLASH_TILES[platform]
+    _, lengths, widths = FLASH_TILES[platform]
     inputs, options, (positions, segments) = flash_inputs(rng, layout, dtype, lengths, widths)
     names = [name for name in inputs if inputs[name] is not None]
     weights = jnp.asarray(rng.normal(size=(*inputs["q"][0].shape[:3], inputs["v"].shape[-1])), jnp.float32)
@@ -566,14 +567,14 @@ def _bf16(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
 
-def _flash_grad_at(length, q_widths, window):
+def _flash_grad_at(length, q_widths, window, backward_blocks=(64, 64)):
     """Gradients of flash attention with platform="mosaic_gpu" at a training shape: 2 rows, 16 heads, one
     document per row; MLA's second part on one shared key head."""
     def loss(qs, ks, v):
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
         segments = jnp.zeros_like(positions)
         out = flash_attention(qs, ks, v, positions, segments, positions, segments, scale=0.1, window=window,
-                              impl="pallas", platform="mosaic_gpu")
+                              impl="pallas", platform="mosaic_gpu", blocks=(128, 128, *backward_blocks))
         return out.astype(jnp.float32).sum()
 
     qs = tuple(_bf16(2, length, 16, w) for w in q_widths)
@@ -585,6 +586,7 @@ LOWERED_FOR_CUDA = {  # case: (function, argument shapes, Mosaic GPU kernels)
     "flash fwd+bwd, MHA causal": lambda: (*_flash_grad_at(1024, (128,), None), 3),
     "flash fwd+bwd, window 128": lambda: (*_flash_grad_at(1024, (128,), 128), 3),
     "flash fwd+bwd, MLA prefill 128 + 64": lambda: (*_flash_grad_at(1024, (128, 64), None), 3),
+    "flash fwd+bwd, MHA causal, 128-row backward blocks": lambda: (*_flash_grad_at(1024, (128,), None, (128, 128)), 3),
     "MLA decode, 128 heads": lambda: (
         lambda *a: mla_decode(*a, scale=0.05, impl="pallas", platform="mosaic_gpu"),
         (_bf16(8, 128, 512), _bf16(8, 128, 64), _bf16(8, 2048, 512), _bf16(8, 2048, 64),

@@ -40,7 +40,6 @@ COMPUTE_WARPGROUPS = 2
 PROGRAM_ROWS = BLOCK_Q * COMPUTE_WARPGROUPS  # query rows per program: ops.py's forward query block
 BLOCK_K = 128
 STAGES = 2  # key / value blocks in flight
-BACKWARD_BLOCK = 64  # queries (dk / dv kernel) or keys (dq kernel) a streamed block of the backward holds
 BACKWARD_STAGES = 2
 
 
@@ -342,27 +341,27 @@ def supports_backward(qs, ks, v, blocks) -> str | None:
     refusal = supports(qs, ks, v)
     if refusal:
         return refusal
-    if tuple(blocks) != (BACKWARD_BLOCK, BACKWARD_BLOCK):
-        return f"the Mosaic GPU backward streams blocks of {BACKWARD_BLOCK} queries / keys, got {tuple(blocks)}"
+    if any(b not in (64, 128) for b in blocks):
+        return f"the Mosaic GPU backward streams blocks of 64 or 128 queries / keys, got {tuple(blocks)}"
     width = sum(q.shape[-1] for q in qs) + v.shape[-1]
-    needed = v.dtype.itemsize * width * (PROGRAM_ROWS + BACKWARD_STAGES * BACKWARD_BLOCK) + 4096
+    needed = v.dtype.itemsize * width * (PROGRAM_ROWS + BACKWARD_STAGES * max(blocks)) + 4096
     if needed > mosaic_gpu.SHARED_MEMORY:
         return f"the backward needs {needed} bytes of shared memory, more than {mosaic_gpu.SHARED_MEMORY}"
     return None
 
 
-def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale, window, sink_tokens, interpret):
+def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale, window, sink_tokens, block_q, block_k,
+             interpret):
     """Gradients as gpu.backward (same arguments and results), by two Mosaic GPU kernels in the forward's
     layout: 2 x 64 rows a program, one compute warpgroup per 64, a memory warpgroup streaming the walk's
-    64-row blocks of the other side with TMA. The dq kernel holds a query tile's q parts and dO and streams key
-    and value blocks (q_walk per PROGRAM_ROWS queries over 64-key blocks); the dk / dv kernel holds a key
+    blocks of the other side with TMA. The dq kernel holds a query tile's q parts and dO and streams key and
+    value blocks (q_walk per PROGRAM_ROWS queries over blocks of block_k keys); the dk / dv kernel holds a key
     tile's k parts and values and streams query blocks with their dO, log-sum-exp and delta (k_walk per
-    PROGRAM_ROWS keys over 64-query blocks), on transposed scores [keys, queries] so that dv and dk are plain
-    products with the probabilities as the register operand."""
+    PROGRAM_ROWS keys over blocks of block_q queries), on transposed scores [keys, queries] so that dv and dk
+    are plain products with the probabilities as the register operand."""
     batch, length, heads, _ = qs[0].shape
     slots, dtype, parts = v.shape[1], v.dtype, len(qs)
     kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
-    block = BACKWARD_BLOCK
     score_scale = scale * LOG2E
     masking = dict(window=window, sink_tokens=sink_tokens)
     stats = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, H, 2, T]: base-2 log-sum-exp and delta, one copy a block
@@ -379,7 +378,7 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
         plgpu.commit_smem()
         return smem.at[wg]
 
-    def scoped_kernel(body, resident_widths, streamed_widths, resident_arrivals, streamed_arrivals):
+    def scoped_kernel(body, block, resident_widths, streamed_widths, resident_arrivals, streamed_arrivals):
         """The shared memory both kernels use: per compute warpgroup its resident rows, per stage the streamed
         block, their [2, n] positions / segments (and for streamed queries their [2, n] statistics)."""
         return lambda: pl.run_scoped(
@@ -428,7 +427,7 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
         q_refs, k_refs, (v_ref, do_ref), dq_refs = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2], \
             refs[2 * parts + 2:]
         head, tile, row = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("rows")
-        count = counts_ref[row, tile]
+        count, block = counts_ref[row, tile], block_k
 
         def body(resident, streamed, q_meta_smem, k_meta_smem, rows_stats_smem, _, operand_smem, q_bar, k_bar, k_free):
             q_smems, do_smem = resident[:parts], resident[parts]
@@ -489,13 +488,13 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                 stream(count, load)(k_free)
 
         widths = [q.shape[-1] for q in qs] + [v.shape[-1]]
-        scoped_kernel(body, widths, widths, parts + 3, parts + 2)()
+        scoped_kernel(body, block, widths, widths, parts + 3, parts + 2)()
 
     def dkv_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, stats_ref, *refs):
         q_refs, k_refs, (v_ref, do_ref) = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2]
         dv_ref, dk_refs = refs[2 * parts + 2], refs[2 * parts + 3:]
         head, tile, row = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("rows")
-        count = counts_ref[row, tile]
+        count, block = counts_ref[row, tile], block_q
 
         def body(resident, streamed, k_meta_smem, q_meta_smem, _, stats_smem, operand_smem, k_bar, q_bar, q_free):
             k_smems, v_smem = resident[:parts], resident[parts]
@@ -559,7 +558,7 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                 stream(count, load)(q_free)
 
         widths = [k.shape[-1] for k in ks] + [v.shape[-1]]
-        scoped_kernel(body, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 3)()
+        scoped_kernel(body, block, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 3)()
 
     walk_args = lambda walk: (walk.counts, walk.interiors, walk.documents, walk.lists)  # noqa: E731
     dqs = launch(dq_kernel, [jax.ShapeDtypeStruct(q.shape, q.dtype) for q in qs],

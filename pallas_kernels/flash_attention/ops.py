@@ -244,10 +244,12 @@ def _attention_backward(static, residuals, do):
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     do = pad_axis(do, 3, pv.shape[-1])
     if static.platform == "mosaic_gpu":  # tiles of hopper.PROGRAM_ROWS rows, streaming blocks of the other side
-        q_walk, _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, hopper.PROGRAM_ROWS, hopper.BACKWARD_BLOCK)
-        _, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, hopper.BACKWARD_BLOCK, hopper.PROGRAM_ROWS)
+        block_q, block_k = static.blocks[2:]
+        q_walk, _ = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, hopper.PROGRAM_ROWS, block_k)
+        _, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, block_q, hopper.PROGRAM_ROWS)
         dqs, dks, dv = hopper.backward(pqs, pks, pv, do, lse, delta, jnp.stack([pq_pos, pq_seg], axis=1),
-                                       jnp.stack([pk_pos, pk_seg], axis=1), q_walk, k_walk, **_kernel_args(static))
+                                       jnp.stack([pk_pos, pk_seg], axis=1), q_walk, k_walk, block_q=block_q,
+                                       block_k=block_k, **_kernel_args(static))
     else:
         q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
     tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))
