@@ -15,7 +15,8 @@ backend). MLA prefill: q/k 128 no-RoPE + 64 RoPE features (one shared RoPE key),
 on the same scores with the RoPE key broadcast to every head and q/k concatenated to 192. Timing: two untimed
 calls, then the median of `--repeats` groups of 10 calls. Forward+backward = gradients of sum(o * w).
 zoo's forward is the one impl="pallas" picks: on an sm90 GPU the Mosaic GPU kernel (hopper.py), whose
-records also time the Triton forward on the same inputs (zoo_triton_fwd_ms). For full causal attention, JAX's own Mosaic GPU (Hopper wgmma, FA3-style) example kernel
+records also time the Triton forward on the same inputs (zoo_triton_fwd_ms) and the forward+backward with the
+Mosaic GPU backward (platform="mosaic_gpu": zoo_mosaic_bwd_fwdbwd_ms) beside the default Triton backward's. For full causal attention, JAX's own Mosaic GPU (Hopper wgmma, FA3-style) example kernel
 (jax.experimental.pallas.ops.gpu.attention_mgpu, causal only: no window, no segments; float16 only) is timed
 too, the best of its 64 x {64, 128} tiles: what Pallas reaches on this GPU without Triton.
 """
@@ -163,6 +164,12 @@ def measure(case, repeats, peers=True):
         triton_forward, _ = zoo_fns(length, batch, window, scale, gpu.default_blocks(window), "gpu")
         record["zoo_triton_fwd_ms"] = 1e3 * time_jax(triton_forward, qs, ks, v, repeats=repeats)
         record["err_mosaic_vs_triton"] = relative_max_error(forward(qs, ks, v), triton_forward(qs, ks, v))
+        if hopper.supports_backward(qs, ks, v, blocks[2:]) is None:  # the Mosaic GPU backward beside Triton's
+            _, mosaic_grad = zoo_fns(length, batch, window, scale, blocks, "mosaic_gpu")
+            record["zoo_mosaic_bwd_fwdbwd_ms"] = 1e3 * time_jax(mosaic_grad, qs, ks, v, w, repeats=repeats)
+            record["err_mosaic_bwd_vs_triton_bwd"] = max(
+                relative_max_error(a, b) for a, b in zip(jax.tree.leaves(mosaic_grad(qs, ks, v, w)),
+                                                         jax.tree.leaves(grad(qs, ks, v, w))))
     # The peers see one head dimension: the RoPE key broadcast to every head, the parts concatenated.
     q = jnp.concatenate(qs, axis=-1)
     k = jnp.concatenate([jnp.broadcast_to(x, (*x.shape[:2], kv_heads, x.shape[-1])) for x in ks], axis=-1)
