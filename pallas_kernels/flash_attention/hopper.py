@@ -378,10 +378,22 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
         plgpu.commit_smem()
         return smem.at[wg]
 
-    def scoped_kernel(body, block, resident_widths, streamed_widths, resident_arrivals, streamed_arrivals):
-        """The shared memory both kernels use: per compute warpgroup its resident rows, per stage the streamed
-        block, their [2, n] positions / segments (and for streamed queries their [2, n] statistics)."""
-        return lambda: pl.run_scoped(
+    def scores_and_dprobs(rows, columns, values_rows, values_columns, block):
+        """sum_i rows_i @ columns_i^T and values_rows @ values_columns^T, [64, block] float32 each: the scores
+        and dO V^T (dq kernel), or their transposes (dk / dv kernel); all their matmuls issued before one wait."""
+        def products(acc_refs):
+            s_ref, dp_ref = acc_refs
+            for a, b in zip(rows, columns):
+                plgpu.wgmma(s_ref, a, b.T)
+            plgpu.wgmma(dp_ref, values_rows, values_columns.T)
+            return s_ref[...], dp_ref[...]
+
+        return pl.run_scoped(products, (plgpu.ACC((BLOCK_Q, block), F32),) * 2)
+
+    def with_shared_memory(body, block, resident_widths, streamed_widths, resident_arrivals, streamed_arrivals):
+        """body run with the shared memory both kernels use: per compute warpgroup its resident rows, per stage
+        the streamed block, their [2, n] positions / segments (and for streamed queries their [2, n] statistics)."""
+        pl.run_scoped(
             body,
             [plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_Q, w), dtype, transforms=TILE) for w in resident_widths],
             [plgpu.SMEM((BACKWARD_STAGES, block, w), dtype, transforms=TILE) for w in streamed_widths],
@@ -396,25 +408,23 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
             collective_axes="wg",
         )
 
-    def stream(count, load):
+    def stream(count, load, free):
         """The memory warpgroup's loop: block t of the walk into stage t % STAGES once its last use is released;
         then the last releases, so that every barrier phase is waited for once."""
-        def run(free):
-            @pl.loop(0, count)
-            def _(t):
-                slot = lax.rem(t, BACKWARD_STAGES)
+        @pl.loop(0, count)
+        def _(t):
+            slot = lax.rem(t, BACKWARD_STAGES)
 
-                @pl.when(t >= BACKWARD_STAGES)
-                def _():
-                    plgpu.barrier_wait(free.at[slot])
+            @pl.when(t >= BACKWARD_STAGES)
+            def _():
+                plgpu.barrier_wait(free.at[slot])
 
-                load(t, slot)
+            load(t, slot)
 
-            for t in range(BACKWARD_STAGES):
-                @pl.when(count - BACKWARD_STAGES + t >= 0)
-                def _():
-                    plgpu.barrier_wait(free.at[lax.rem(count - BACKWARD_STAGES + t, BACKWARD_STAGES)])
-        return run
+        for t in range(BACKWARD_STAGES):
+            @pl.when(count - BACKWARD_STAGES + t >= 0)
+            def _():
+                plgpu.barrier_wait(free.at[lax.rem(count - BACKWARD_STAGES + t, BACKWARD_STAGES)])
 
     def launch(kernel, out_type, grid, args):
         return plgpu.kernel(
@@ -447,14 +457,8 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                     slot = lax.rem(t, BACKWARD_STAGES)
                     plgpu.barrier_wait(k_bar.at[slot])
 
-                    def scores_and_dprobs(acc_refs):
-                        s_ref, dp_ref = acc_refs
-                        for q_smem, k_smem in zip(q_smems, k_smems):
-                            plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].T)
-                        plgpu.wgmma(dp_ref, do_smem.at[wg], v_smem.at[slot].T)
-                        return s_ref[...], dp_ref[...]
-
-                    s, dp = pl.run_scoped(scores_and_dprobs, (plgpu.ACC((BLOCK_Q, block), F32),) * 2)
+                    s, dp = scores_and_dprobs([q.at[wg] for q in q_smems], [k.at[slot] for k in k_smems],
+                                              do_smem.at[wg], v_smem.at[slot], block)
                     s = _mask_scores(s, mask, queries, _load_meta(k_meta_smem.at[slot], mask, COLUMNS),
                                      keys_as_rows=False, **masking)
                     probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
@@ -485,10 +489,10 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                         plgpu.copy_gmem_to_smem(ref.at[row, keys, h], smem.at[slot], k_bar.at[slot])
                     plgpu.copy_gmem_to_smem(k_meta_ref.at[row, :, keys], k_meta_smem.at[slot], k_bar.at[slot])
 
-                stream(count, load)(k_free)
+                stream(count, load, k_free)
 
         widths = [q.shape[-1] for q in qs] + [v.shape[-1]]
-        scoped_kernel(body, block, widths, widths, parts + 3, parts + 2)()
+        with_shared_memory(body, block, widths, widths, parts + 3, parts + 2)
 
     def dkv_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, stats_ref, *refs):
         q_refs, k_refs, (v_ref, do_ref) = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2]
@@ -513,14 +517,8 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                     slot = lax.rem(t, BACKWARD_STAGES)
                     plgpu.barrier_wait(q_bar.at[slot])
 
-                    def scores_and_dprobs(acc_refs):
-                        s_ref, dp_ref = acc_refs
-                        for k_smem, q_smem in zip(k_smems, q_smems):
-                            plgpu.wgmma(s_ref, k_smem.at[wg], q_smem.at[slot].T)
-                        plgpu.wgmma(dp_ref, v_smem.at[wg], do_smem.at[slot].T)
-                        return s_ref[...], dp_ref[...]
-
-                    s, dp = pl.run_scoped(scores_and_dprobs, (plgpu.ACC((BLOCK_Q, block), F32),) * 2)
+                    s, dp = scores_and_dprobs([k.at[wg] for k in k_smems], [q.at[slot] for q in q_smems],
+                                              v_smem.at[wg], do_smem.at[slot], block)
                     s = _mask_scores(s, mask, _load_meta(q_meta_smem.at[slot], mask, COLUMNS), keys, keys_as_rows=True,
                                      **masking)
                     lse = plgpu.load(stats_smem.at[slot, 0], layout=COLUMNS)
@@ -555,10 +553,10 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                     plgpu.copy_gmem_to_smem(q_meta_ref.at[row, :, queries], q_meta_smem.at[slot], q_bar.at[slot])
                     plgpu.copy_gmem_to_smem(stats_ref.at[row, head, :, queries], stats_smem.at[slot], q_bar.at[slot])
 
-                stream(count, load)(q_free)
+                stream(count, load, q_free)
 
         widths = [k.shape[-1] for k in ks] + [v.shape[-1]]
-        scoped_kernel(body, block, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 3)()
+        with_shared_memory(body, block, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 3)
 
     walk_args = lambda walk: (walk.counts, walk.interiors, walk.documents, walk.lists)  # noqa: E731
     dqs = launch(dq_kernel, [jax.ShapeDtypeStruct(q.shape, q.dtype) for q in qs],
