@@ -9,7 +9,7 @@
 #                                  torch SDPA peers), bench/attention_kernels.py (MLA and GQA decode), bench/decode_speed.py,
 #                                  bench/device_trace.py (MLA decode and the copy ceiling in device time, with clocks);
 #                                  PARTS="tests flash mla generate trace" picks a subset (default: the first four),
-#                                  TESTS_K a pytest -k expression, FLASH_ARGS / MLA_ARGS / TRACE_ARGS (e.g. --sweep) add
+#                                  TESTS_K a pytest -k expression (TESTS_SECONDS their time limit), FLASH_ARGS / MLA_ARGS / TRACE_ARGS (e.g. --sweep) add
 #                                  to or override those scripts' arguments
 #   bench/device_run.sh distill    a gqa-125m teacher trained by `zoo train` on $DATA (default .whl/data/input.txt, the
 #                                  carried Tiny Shakespeare), distilled by `zoo distill` into 50% Mamba-2 (AM), 75% Gated
@@ -59,8 +59,9 @@ case "${1:-bench}" in
     # One call has 10 minutes: all four parts with the MLA sweep took 7 on the H100.
     repo=$PWD
     parts=" ${PARTS:-tests flash mla generate} "
-    [[ $parts == *" tests "* ]] && (cd /tmp && JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider \
-      -c "$repo/pyproject.toml" "$repo/tests/test_attention_kernels.py" ${TESTS_K:+-k "$TESTS_K"} 2>&1) \
+    # The tests are stopped after TESTS_SECONDS (default 420), so a kernel that hangs leaves the other parts their time.
+    [[ $parts == *" tests "* ]] && (cd /tmp && JAX_PLATFORMS=cuda,cpu timeout "${TESTS_SECONDS:-420}" python3 -m pytest \
+      -q -p no:cacheprovider -c "$repo/pyproject.toml" "$repo/tests/test_attention_kernels.py" ${TESTS_K:+-k "$TESTS_K"} 2>&1) \
       | tee "$OUT/attention_tests.log" | tail -5
     [[ $parts == *" flash "* ]] && python3 bench/flash_attention.py ${FLASH_ARGS:-} --out "$OUT/flash_attention.jsonl" 2>&1 \
       | tee "$OUT/flash_attention.log"
