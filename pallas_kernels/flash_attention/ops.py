@@ -59,10 +59,12 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
     [B, T, H, Dv] in v's dtype. platform: None (the one JAX runs on; on a GPU the Mosaic GPU forward where
     it applies, else Triton), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward, an error where it does not
-    apply, and the Mosaic GPU backward where hopper.supports_backward, else Triton's) or "tpu". blocks: (forward q, forward k, backward q, backward k) tile lengths: with Triton powers
-    of two >= 16 (default: gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block
-    is hopper.PROGRAM_ROWS and its key blocks multiples of 64 (default: hopper.default_blocks), on TPUs query
-    blocks multiples of 8 and key blocks of 128 (default: tpu.BLOCKS)."""
+    apply, and the Mosaic GPU backward where hopper.supports_backward, else Triton's) or "tpu". blocks:
+    (forward q, forward k, backward q, backward k) tile lengths: with Triton powers of two >= 16 (default:
+    gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block is hopper.PROGRAM_ROWS
+    and its key blocks multiples of 64 (default: hopper.default_blocks), with the Mosaic GPU backward the
+    streamed query / key blocks, 64 or 128; on TPUs query blocks multiples of 8 and key blocks of 128
+    (default: tpu.BLOCKS)."""
     qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
     _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
     if window is not None and window <= 0:
@@ -79,7 +81,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
                              f"are multiples of 64, got {blocks}")
     if kind in ("gpu", "mosaic_gpu"):
         blocks = blocks or gpu.default_blocks(window)
-        backward_blocks = blocks[2:] if kind == "mosaic_gpu" else blocks  # the Mosaic forward's were checked above
+        backward_blocks = blocks[2:] if kind == "mosaic_gpu" else blocks
         if any(b < 16 or b & (b - 1) for b in backward_blocks):
             raise ValueError(f"blocks must be powers of two of at least 16 (Triton's matmul tiles), got {blocks}")
     else:
@@ -252,14 +254,15 @@ def _attention_backward(static, residuals, do):
                                        block_k=block_k, **_kernel_args(static))
     else:
         q_walk, k_walk = block_lists(static, pq_pos, pq_seg, pk_pos, pk_seg, *static.blocks[2:])
-    tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))
-    if static.platform == "gpu":
-        dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, k_walk,
-                                    **tiles)
-    elif static.platform == "tpu":
-        dqs, dks, dv = tpu.backward(*_heads_major(pqs, pks, pv), _heads_minor(do), lse[..., None], delta[..., None],
-                                    *_columns_and_rows(pq_pos, pq_seg, pk_pos, pk_seg), q_walk, k_walk, **tiles)
-        dqs, dks, dv = tuple(map(_heads_minor, dqs)), tuple(map(_heads_minor, dks)), _heads_minor(dv)
+        tiles = dict(block_q=static.blocks[2], block_k=static.blocks[3], **_kernel_args(static))
+        if static.platform == "gpu":
+            dqs, dks, dv = gpu.backward(pqs, pks, pv, do, lse, delta, pq_pos, pq_seg, pk_pos, pk_seg, q_walk, k_walk,
+                                        **tiles)
+        else:
+            dqs, dks, dv = tpu.backward(*_heads_major(pqs, pks, pv), _heads_minor(do), lse[..., None],
+                                        delta[..., None], *_columns_and_rows(pq_pos, pq_seg, pk_pos, pk_seg), q_walk,
+                                        k_walk, **tiles)
+            dqs, dks, dv = tuple(map(_heads_minor, dqs)), tuple(map(_heads_minor, dks)), _heads_minor(dv)
 
     def per_key_head(grad, like):  # [B, S', H, D'] per query head -> like's heads, length and width
         kv_heads = like.shape[2]
