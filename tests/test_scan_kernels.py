@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from inputs import forward, impl_for, init, packed_batch
-from reference import MLSTM_GRAD_FLOAT32_TOLERANCE, TOLERANCE, relative_error, relative_rms_error, tolerance
+from reference import (MLSTM_SCAN_GRAD_BF16_RMS_TOLERANCE, MLSTM_SCAN_GRAD_FLOAT32_TOLERANCE, TOLERANCE, relative_error,
+                       relative_rms_error, tolerance)
 from zoo.errors import ConfigError
 from zoo.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from zoo.layers.mamba2 import Mamba2, Mamba2Config
@@ -185,7 +186,7 @@ def test_mlstm_scan_matches_the_chunkwise_form(rng, platform, dtype):
     # h divides by max(|n.q|, exp(-m)); near that floor bf16 rounding can flip which branch a token takes,
     # so bf16 is compared by relative RMS (a few flipped tokens do not dominate it) and without the
     # initial (n, m) gradients, which flow only through that switch. float32: everything by max error, the
-    # gradients at MLSTM_GRAD_FLOAT32_TOLERANCE (measured in reference.py), the initial (n, m) ones at their own
+    # gradients at MLSTM_SCAN_GRAD_FLOAT32_TOLERANCE (measured in reference.py), the initial (n, m) ones at their own
     # tolerance (below).
     if dtype == "float32":
         error, tol = relative_error, TOLERANCE[dtype]
@@ -196,10 +197,14 @@ def test_mlstm_scan_matches_the_chunkwise_form(rng, platform, dtype):
         assert error(final[key], final_ref[key]) < tol, key
     skipped = ("n", "m")  # float32: compared below at their own tolerance; bf16: not compared (see above)
     compared = lambda g: dict(g, state={k: v for k, v in g["state"].items() if k not in skipped})  # noqa: E731
-    grad_tol = MLSTM_GRAD_FLOAT32_TOLERANCE if dtype == "float32" else tol
+    def grad_tol(name):  # measured in reference.py; in bf16 the normaliser and gates amplify rounding
+        if dtype == "float32":
+            return MLSTM_SCAN_GRAD_FLOAT32_TOLERANCE
+        return MLSTM_SCAN_GRAD_BF16_RMS_TOLERANCE if name in ("q", "k", "log_i", "log_f") else tol
+
     for name, got in compared(grads).items():
         for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(compared(grads_ref)[name])):
-            assert error(got_leaf, want_leaf) < grad_tol, name
+            assert error(got_leaf, want_leaf) < grad_tol(name), name
     if dtype == "float32":
         # The initial (n, m) gradients are sums over every token of terms that cancel in exact arithmetic (m
         # leaves h except through the normaliser's floor), so float32 rounding shows larger relative to them:
