@@ -23,7 +23,8 @@ RETNET_GRAD_FLOAT32_TOLERANCE = 5e-3
 # exponential gates summed over the chunks) against the generic 1e-5.
 MLSTM_SCAN_GRAD_FLOAT32_TOLERANCE = 5e-5
 # The same in bf16 (the kernels' matmuls take bf16 operands: scores, gated keys, the carried state), relative RMS
-# against the float32 chunked form on the same bf16 inputs, 73 draws (seeds 0-71 and CI's 809549362): h, v and
+# against the float32 chunked form on the same bf16 inputs (bench/mlstm_scan_tolerance.py), 73 draws (seeds 0-71
+# and CI's 809549362): h, v and
 # the C gradient at most 1.6%, but the gradients of q, k and both gates, which pass through the normaliser's
 # division and the exponential gates, median 0.6-0.7%, p95 2.5-3.4%, max 5.8% (log_i, seed 13). CI hit 4.4%
 # (k, seed 809549362) against the generic 4e-2 on 2026-12-05.
