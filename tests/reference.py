@@ -24,10 +24,9 @@ RETNET_GRAD_FLOAT32_TOLERANCE = 5e-3
 MLSTM_SCAN_GRAD_FLOAT32_TOLERANCE = 5e-5
 # The same in bf16 (the kernels' matmuls take bf16 operands: scores, gated keys, the carried state), relative RMS
 # against the float32 chunked form on the same bf16 inputs (bench/mlstm_scan_tolerance.py), 73 draws (seeds 0-71
-# and CI's 809549362): h, v and
-# the C gradient at most 1.6%, but the gradients of q, k and both gates, which pass through the normaliser's
-# division and the exponential gates, median 0.6-0.7%, p95 2.5-3.4%, max 5.8% (log_i, seed 13). CI hit 4.4%
-# (k, seed 809549362) against the generic 4e-2 on 2026-12-05.
+# and CI's 809549362): h, v and the C gradient at most 1.6%, but the gradients of q, k and both gates, which pass
+# through the normaliser's division and the exponential gates, median 0.6-0.7%, p95 2.5-3.4%, max 5.8% (log_i,
+# seed 13). CI hit 4.4% (k, seed 809549362) against the generic 4e-2 on 2026-12-05.
 MLSTM_SCAN_GRAD_BF16_RMS_TOLERANCE = 8e-2
 # The xLSTM[7:1] model stacks seven mLSTM blocks, each dividing by its normaliser max(|n.q|, exp(-m))
 # and then normalising each head (LayerNorm): the same near-cancellation as RetNet's, damped by the
