@@ -567,14 +567,14 @@ def _bf16(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
 
-def _flash_grad_at(length, q_widths, window, backward_blocks=(64, 64)):
-    """Gradients of flash attention with platform="mosaic_gpu" at a training shape: 2 rows, 16 heads, one
-    document per row; MLA's second part on one shared key head."""
+def _flash_grad_at(length, q_widths, window, blocks=None):
+    """Gradients of flash attention as impl="pallas" runs it on an sm90 GPU at a training shape: 2 rows,
+    16 heads, one document per row; MLA's second part on one shared key head."""
     def loss(qs, ks, v):
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
         segments = jnp.zeros_like(positions)
         out = flash_attention(qs, ks, v, positions, segments, positions, segments, scale=0.1, window=window,
-                              impl="pallas", platform="mosaic_gpu", blocks=(128, 128, *backward_blocks))
+                              impl="pallas", blocks=blocks)
         return out.astype(jnp.float32).sum()
 
     qs = tuple(_bf16(2, length, 16, w) for w in q_widths)
@@ -582,11 +582,12 @@ def _flash_grad_at(length, q_widths, window, backward_blocks=(64, 64)):
     return jax.grad(loss, argnums=(0, 1, 2)), (qs, ks, _bf16(2, length, 16, 128))
 
 
-LOWERED_FOR_CUDA = {  # case: (function, argument shapes, Mosaic GPU kernels)
+LOWERED_FOR_CUDA = {  # case: (function, argument shapes, Mosaic GPU kernels: forward, dq, dk / dv)
     "flash fwd+bwd, MHA causal": lambda: (*_flash_grad_at(1024, (128,), None), 3),
     "flash fwd+bwd, window 128": lambda: (*_flash_grad_at(1024, (128,), 128), 3),
     "flash fwd+bwd, MLA prefill 128 + 64": lambda: (*_flash_grad_at(1024, (128, 64), None), 3),
-    "flash fwd+bwd, MHA causal, 128-row backward blocks": lambda: (*_flash_grad_at(1024, (128,), None, (128, 128)), 3),
+    "flash fwd+bwd, MHA causal, 64-row backward blocks": lambda: (*_flash_grad_at(1024, (128,), None, (128, 128, 64, 64)), 3),
+    "flash fwd+bwd, MHA causal, 128-row backward blocks": lambda: (*_flash_grad_at(1024, (128,), None, (128, 128, 128, 128)), 3),
     "MLA decode, 128 heads": lambda: (
         lambda *a: mla_decode(*a, scale=0.05, impl="pallas", platform="mosaic_gpu"),
         (_bf16(8, 128, 512), _bf16(8, 128, 64), _bf16(8, 2048, 512), _bf16(8, 2048, 64),
@@ -608,6 +609,29 @@ def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(case, monkeypatch):
     fn, args, kernels = LOWERED_FOR_CUDA[case]()
     text = export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels
+
+
+@pytest.mark.parametrize("q_widths, blocks, backward", [
+    ((128,), None, ("mosaic_gpu", (64, 128))), ((128, 64), None, ("mosaic_gpu", (64, 64))),
+    ((128,), (128, 128, 128, 64), ("mosaic_gpu", (128, 64))), ((128,), (128, 128, 32, 64), ("gpu", (32, 64)))])
+def test_the_mosaic_gpu_forward_is_followed_by_its_backward_where_that_applies(q_widths, blocks, backward, monkeypatch):
+    """On an sm90 GPU impl="pallas" runs the Mosaic GPU backward after its forward, with the first of
+    hopper.BACKWARD_BLOCKS that fits shared memory (MLA's wider rows: 64 / 64) or the blocks given, and Triton's
+    backward where the Mosaic one does not take the blocks. (Shapes only: Triton needs a GPU to lower.)"""
+    from zoo.pallas_kernels import dispatch
+    from zoo.pallas_kernels.flash_attention import gpu
+    monkeypatch.setattr(mosaic_gpu, "available", lambda: True)  # as on an sm90 GPU
+    monkeypatch.setattr(dispatch, "_PLATFORMS", {**dispatch._PLATFORMS, "cpu": "gpu"})
+    ran = []
+    for name, module in (("gpu", gpu), ("mosaic_gpu", hopper)):
+        def spy(*args, run=module.backward, name=name, **kwargs):
+            ran.append((name, (kwargs["block_q"], kwargs["block_k"])))
+            return run(*args, **kwargs)
+        monkeypatch.setattr(module, "backward", spy)
+    fn, args = _flash_grad_at(256, q_widths, None, blocks)
+    grads = jax.eval_shape(fn, *args)
+    assert ran == [backward]
+    assert [g.shape for g in jax.tree.leaves(grads)] == [x.shape for x in jax.tree.leaves(args)]
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -11,12 +11,13 @@ The list's first blocks are seen whole and walked without a mask; the next ones 
 real tokens and are masked by position alone (masking.visible_in_document), the rest element by element
 with masking.visible, from the slot positions and segment ids the memory warpgroup copies next to each key
 block. Learned sink logits start the online softmax (running max = sink, sum = 1), as in
-gpu.py, so the log-sum-exp the Triton backward reads includes them. Scores are kept in base 2 (exp2 with
+gpu.py, so the log-sum-exp the backward reads includes them. Scores are kept in base 2 (exp2 with
 the scale and log2(e) folded into one multiply); the log-sum-exp is written in base e.
 
 This is the GPU forward where it applies (hopper.supports: an sm90 GPU, 16-bit inputs, widths that
-are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else. The backward runs where
-platform="mosaic_gpu" asks for it (ops.py), until it is timed against Triton's on a GPU.
+are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else. Its backward follows it
+where that fits shared memory (supports_backward), else Triton's: on an H200 the two kernels here took 28-37%
+less time than Triton's two (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -43,10 +44,19 @@ STAGES = 2  # key / value blocks in flight
 BACKWARD_STAGES = 2
 
 
-def default_blocks(window):
-    """(forward q, forward k, backward q, backward k): this kernel's forward tiles, Triton's backward ones."""
-    del window  # 128-slot key blocks won for full and windowed layouts alike (bench/flash_attention.py --mosaic-sweep)
-    return (PROGRAM_ROWS, BLOCK_K, gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K)
+# The backward's streamed (query, key) blocks, best first: 64-query blocks to the dk / dv kernel and 128-key blocks
+# to the dq kernel won on an H200 for MHA and GQA; MLA's wider rows fit shared memory at 64 / 64 only
+# (bench/flash_attention.py --backward-sweep, BENCHMARKS.md).
+BACKWARD_BLOCKS = ((64, 128), (64, 64))
+
+
+def default_blocks(qs, ks, v):
+    """(forward q, forward k, backward q, backward k): this kernel's forward tiles (128-slot key blocks won for
+    full and windowed layouts alike: bench/flash_attention.py --mosaic-sweep), and the first BACKWARD_BLOCKS
+    its backward takes, else Triton's backward blocks."""
+    backward = next((b for b in BACKWARD_BLOCKS if supports_backward(qs, ks, v, b) is None),
+                    (gpu.BACKWARD_BLOCK_Q, gpu.BACKWARD_BLOCK_K))
+    return (PROGRAM_ROWS, BLOCK_K, *backward)
 
 
 def _shared_bytes(q_widths, dv, itemsize, block_k, stages, own_o):
@@ -364,7 +374,6 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
     kv_heads = [k.shape[2] for k in ks] + [v.shape[2]]
     score_scale = scale * LOG2E
     masking = dict(window=window, sink_tokens=sink_tokens)
-    stats = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, H, 2, T]: base-2 log-sum-exp and delta, one copy a block
     grad_dtype = lambda x: x.dtype if x.shape[2] == heads else F32  # noqa: E731 (as gpu.backward)
 
     def kv_head_of(head):
@@ -433,7 +442,7 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
             compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret_params(interpret),
         )(*args)
 
-    def dq_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, stats_ref, *refs):
+    def dq_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, lse_ref, delta_ref, *refs):
         q_refs, k_refs, (v_ref, do_ref), dq_refs = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2], \
             refs[2 * parts + 2:]
         head, tile, row = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("rows")
@@ -450,7 +459,7 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                 plgpu.set_max_registers(232, action="increase")
                 plgpu.barrier_wait(q_bar.at[wg])
                 queries = _load_meta(q_meta_smem.at[wg], "all", ROWS)
-                lse = plgpu.load(rows_stats_smem.at[wg, 0], layout=ROWS)
+                lse = plgpu.load(rows_stats_smem.at[wg, 0], layout=ROWS) * LOG2E  # base 2, as the scores
                 delta_rows = plgpu.load(rows_stats_smem.at[wg, 1], layout=ROWS)
 
                 def step(t, grads, mask):
@@ -480,7 +489,8 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                     for ref, smem in zip((*q_refs, do_ref), resident):
                         plgpu.copy_gmem_to_smem(ref.at[row, rows(w), head], smem.at[w], q_bar.at[w])
                     plgpu.copy_gmem_to_smem(q_meta_ref.at[row, :, rows(w)], q_meta_smem.at[w], q_bar.at[w])
-                    plgpu.copy_gmem_to_smem(stats_ref.at[row, head, :, rows(w)], rows_stats_smem.at[w], q_bar.at[w])
+                    for i, ref in enumerate((lse_ref, delta_ref)):
+                        plgpu.copy_gmem_to_smem(ref.at[row, head, rows(w)], rows_stats_smem.at[w, i], q_bar.at[w])
                 kv_head = kv_head_of(head)
 
                 def load(t, slot):
@@ -492,9 +502,9 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                 stream(count, load, k_free)
 
         widths = [q.shape[-1] for q in qs] + [v.shape[-1]]
-        with_shared_memory(body, block, widths, widths, parts + 3, parts + 2)
+        with_shared_memory(body, block, widths, widths, parts + 4, parts + 2)
 
-    def dkv_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, stats_ref, *refs):
+    def dkv_kernel(counts_ref, interiors_ref, documents_ref, lists_ref, q_meta_ref, k_meta_ref, lse_ref, delta_ref, *refs):
         q_refs, k_refs, (v_ref, do_ref) = refs[:parts], refs[parts:2 * parts], refs[2 * parts:2 * parts + 2]
         dv_ref, dk_refs = refs[2 * parts + 2], refs[2 * parts + 3:]
         head, tile, row = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("rows")
@@ -521,7 +531,7 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                                               v_smem.at[wg], do_smem.at[slot], block)
                     s = _mask_scores(s, mask, _load_meta(q_meta_smem.at[slot], mask, COLUMNS), keys, keys_as_rows=True,
                                      **masking)
-                    lse = plgpu.load(stats_smem.at[slot, 0], layout=COLUMNS)
+                    lse = plgpu.load(stats_smem.at[slot, 0], layout=COLUMNS) * LOG2E
                     delta_columns = plgpu.load(stats_smem.at[slot, 1], layout=COLUMNS)
                     probs = jnp.exp2(s * score_scale - lax.broadcast_in_dim(lse, s.shape, [1]))
                     dv = accumulate(dv, as_smem(probs.astype(dtype), operand_smem, wg), do_smem.at[slot], interpret)
@@ -551,18 +561,19 @@ def backward(qs, ks, v, do, lse, delta, q_meta, k_meta, q_walk, k_walk, *, scale
                     for ref, smem in zip((*q_refs, do_ref), streamed):
                         plgpu.copy_gmem_to_smem(ref.at[row, queries, head], smem.at[slot], q_bar.at[slot])
                     plgpu.copy_gmem_to_smem(q_meta_ref.at[row, :, queries], q_meta_smem.at[slot], q_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(stats_ref.at[row, head, :, queries], stats_smem.at[slot], q_bar.at[slot])
+                    for i, ref in enumerate((lse_ref, delta_ref)):
+                        plgpu.copy_gmem_to_smem(ref.at[row, head, queries], stats_smem.at[slot, i], q_bar.at[slot])
 
                 stream(count, load, q_free)
 
         widths = [k.shape[-1] for k in ks] + [v.shape[-1]]
-        with_shared_memory(body, block, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 3)
+        with_shared_memory(body, block, widths, [q.shape[-1] for q in qs] + [do.shape[-1]], parts + 2, parts + 4)
 
     walk_args = lambda walk: (walk.counts, walk.interiors, walk.documents, walk.lists)  # noqa: E731
     dqs = launch(dq_kernel, [jax.ShapeDtypeStruct(q.shape, q.dtype) for q in qs],
-                 (heads, length // PROGRAM_ROWS, batch), (*walk_args(q_walk), q_meta, k_meta, stats, *qs, *ks, v, do))
+                 (heads, length // PROGRAM_ROWS, batch), (*walk_args(q_walk), q_meta, k_meta, lse, delta, *qs, *ks, v, do))
     dv, *dks = launch(dkv_kernel,
                       [jax.ShapeDtypeStruct((batch, slots, heads, x.shape[-1]), grad_dtype(x)) for x in (v, *ks)],
                       (heads, slots // PROGRAM_ROWS, batch),
-                      (*walk_args(k_walk), q_meta, k_meta, stats, *qs, *ks, v, do))
+                      (*walk_args(k_walk), q_meta, k_meta, lse, delta, *qs, *ks, v, do))
     return tuple(dqs), tuple(dks), dv

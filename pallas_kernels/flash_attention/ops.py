@@ -8,8 +8,8 @@ shared by all heads); every part's and v's head count divides the query heads (G
 gpt-oss-style learned sinks, a zero-valued entry in each row's softmax.
 
 GPUs: hopper.py (Mosaic GPU: wgmma, TMA, warp specialisation) runs the forward on sm90 GPUs where it
-applies (hopper.supports), and its backward where platform="mosaic_gpu" asks for it; gpu.py (Triton) every
-other forward and backward; TPUs: tpu.py (Mosaic);
+applies (hopper.supports), and after its forward the backward where that applies (hopper.supports_backward);
+gpu.py (Triton) every other forward and backward; TPUs: tpu.py (Mosaic);
 elsewhere impl="auto" runs the XLA reference. Under a mesh the kernels run per shard (dispatch.per_shard).
 """
 
@@ -58,12 +58,13 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     """q [B, T, H, D] (or a tuple of parts), k [B, S, KV, D] (or matching parts [B, S, KV_i, D_i]),
     v [B, S, KV, Dv]; positions / segment ids [B, T] and [B, S] (position -1: not a token). Returns
     [B, T, H, Dv] in v's dtype. platform: None (the one JAX runs on; on a GPU the Mosaic GPU forward where
-    it applies, else Triton), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward, an error where it does not
-    apply, and the Mosaic GPU backward where hopper.supports_backward, else Triton's) or "tpu". blocks:
+    it applies, else Triton; after the Mosaic GPU forward its backward where hopper.supports_backward, else
+    Triton's), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward, an error where it does not apply) or "tpu".
+    blocks:
     (forward q, forward k, backward q, backward k) tile lengths: with Triton powers of two >= 16 (default:
     gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block is hopper.PROGRAM_ROWS
-    and its key blocks multiples of 64 (default: hopper.default_blocks), with the Mosaic GPU backward the
-    streamed query / key blocks, 64 or 128; on TPUs query blocks multiples of 8 and key blocks of 128
+    and its key blocks multiples of 64, with the Mosaic GPU backward the streamed query / key blocks, 64 or
+    128 (default: hopper.default_blocks); on TPUs query blocks multiples of 8 and key blocks of 128
     (default: tpu.BLOCKS)."""
     qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
     _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
@@ -75,7 +76,7 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
                                          window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
     kind = gpu_kernel(qs, ks, v, blocks, platform, backend.interpret) if backend.kind == "gpu" else backend.kind
     if kind == "mosaic_gpu":
-        blocks = blocks or hopper.default_blocks(window)
+        blocks = blocks or hopper.default_blocks(qs, ks, v)
         if blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64:
             raise ValueError(f"the Mosaic GPU forward takes query blocks of {hopper.PROGRAM_ROWS} and key blocks that "
                              f"are multiples of 64, got {blocks}")
@@ -93,8 +94,8 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     has_sink = sink_logits is not None
     sinks = (sink_logits if has_sink else jnp.zeros((heads,))).astype(jnp.float32)
     backward = kind
-    if kind == "mosaic_gpu" and (platform != "mosaic_gpu" or hopper.supports_backward(qs, ks, v, blocks[2:])):
-        backward = "gpu"  # the Mosaic GPU backward runs where asked for, until timed against Triton's (BENCHMARKS.md)
+    if kind == "mosaic_gpu" and hopper.supports_backward(qs, ks, v, blocks[2:]):
+        backward = "gpu"  # Triton's backward, with blocks[2:] as its tiles
     static = _Static(float(scale), window, int(sink_tokens), has_sink, tuple(blocks), kind, backend.interpret, backward)
     ints = [x.astype(jnp.int32) for x in (q_positions, q_segments, k_positions, k_segments)]
     mesh = jax.sharding.get_abstract_mesh()
