@@ -16,7 +16,7 @@ the scale and log2(e) folded into one multiply); the log-sum-exp is written in b
 
 This is the GPU forward where it applies (hopper.supports: an sm90 GPU, 16-bit inputs, widths that
 are multiples of 64 and fit shared memory); gpu.py (Triton) runs everything else. Its backward follows it
-where that fits shared memory (supports_backward), else Triton's: on an H200 the two kernels here took 28-37%
+where that fits shared memory (supports_backward), else Triton's: on an H200 the two kernels here took 27-36%
 less time than Triton's two (BENCHMARKS.md).
 """
 
