@@ -60,12 +60,11 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
     [B, T, H, Dv] in v's dtype. platform: None (the one JAX runs on; on a GPU the Mosaic GPU forward where
     it applies, else Triton; after the Mosaic GPU forward its backward where hopper.supports_backward, else
     Triton's), "gpu" (Triton), "mosaic_gpu" (the Mosaic GPU forward, an error where it does not apply) or "tpu".
-    blocks:
-    (forward q, forward k, backward q, backward k) tile lengths: with Triton powers of two >= 16 (default:
-    gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block is hopper.PROGRAM_ROWS
-    and its key blocks multiples of 64, with the Mosaic GPU backward the streamed query / key blocks, 64 or
-    128 (default: hopper.default_blocks); on TPUs query blocks multiples of 8 and key blocks of 128
-    (default: tpu.BLOCKS)."""
+    blocks: (forward q, forward k, backward q, backward k) tile lengths: with Triton powers of two >= 16
+    (default: gpu.default_blocks, tuned per layout), with the Mosaic GPU forward its query block is
+    hopper.PROGRAM_ROWS and its key blocks multiples of 64, with the Mosaic GPU backward the streamed query /
+    key blocks, 64 or 128 (default: hopper.default_blocks); on TPUs query blocks multiples of 8 and key blocks
+    of 128 (default: tpu.BLOCKS)."""
     qs, ks = (tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in (q, k))
     _check_shapes(qs, ks, v, q_positions, q_segments, k_positions, k_segments, sink_logits)
     if window is not None and window <= 0:
