@@ -35,7 +35,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+# The serial tells boards apart: the same model of GPU differs by a few percent from board to board.
+nvidia-smi --query-gpu=name,serial,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 case "${1:-bench}" in
   bench)
@@ -69,8 +70,9 @@ case "${1:-bench}" in
       --out "$OUT/attention_kernels.jsonl" 2>&1 | tee "$OUT/attention_kernels.log"
     [[ $parts == *" generate "* ]] && (cd /tmp && python3 "$repo/bench/decode_speed.py" --out "$OUT/decode_speed.jsonl" 2>&1) \
       | tee "$OUT/decode_speed.log"
-    [[ $parts == *" trace "* ]] && JAX_PLATFORMS=cuda python3 bench/device_trace.py --batches 128,64 \
-      --contexts 4096,8192,16384,32768 ${TRACE_ARGS:-} --out "$OUT/device_trace.jsonl" 2>&1 | tee "$OUT/device_trace.log" ;;
+    # An if, not [[ ]] &&: a part left out must not become the call's exit status.
+    if [[ $parts == *" trace "* ]]; then JAX_PLATFORMS=cuda python3 bench/device_trace.py --batches 128,64 \
+      --contexts 4096,8192,16384,32768 ${TRACE_ARGS:-} --out "$OUT/device_trace.jsonl" 2>&1 | tee "$OUT/device_trace.log"; fi ;;
   distill)
     repo=$PWD data=$PWD/${DATA:-.whl/data/input.txt}
     common="--data $data --seq-len 512"
