@@ -159,7 +159,8 @@ def measure(case, repeats, peers=True):
     shared_rope = len(dims) == 2
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
     platform = case.get("platform") or gpu_kernel(qs, ks, v)
-    blocks = case.get("blocks") or (hopper.default_blocks(qs, ks, v) if platform == "mosaic_gpu"
+    parts = hopper.cut_at_value_width(qs, ks, v) if platform == "mosaic_gpu" else (qs, ks)  # as the kernels get them
+    blocks = case.get("blocks") or (hopper.default_blocks(*parts, v) if platform == "mosaic_gpu"
                                     else gpu.default_blocks(window))
     forward, grad = zoo_fns(length, batch, window, scale, blocks, case.get("platform"))  # None: as impl="auto" runs
     flops = attention_flops(batch, length, heads, sum(dims), dim_v, window)
@@ -167,7 +168,7 @@ def measure(case, repeats, peers=True):
               "forward_kernel": platform, "blocks": list(blocks)}
     if platform == "mosaic_gpu":
         record["mosaic_stages"] = hopper.STAGES
-        record["backward_kernel"] = "gpu" if hopper.supports_backward(qs, ks, v, blocks[2:]) else "mosaic_gpu"
+        record["backward_kernel"] = "gpu" if hopper.supports_backward(*parts, v, blocks[2:]) else "mosaic_gpu"
     else:
         record["warps"] = [gpu.forward_warps(*blocks[:2]), gpu.BACKWARD_WARPS]
         record["stages"] = gpu.STAGES
@@ -275,7 +276,7 @@ def main():
     parser.add_argument("--full-causal-only", action="store_true", help="only the first case (MHA, full causal)")
     parser.add_argument("--mosaic-sweep", action="store_true", help="the Mosaic GPU forward's key blocks and stages")
     parser.add_argument("--backward-sweep", default="", help="the backward's tiles on these cases: mha (full causal), "
-                        "gqa (16/4, full causal), mla (prefill, 128 + 64), comma-separated")
+                        "gqa (16/4, full causal), mla (prefill, 128 + 64), mla192 (the same unsplit), comma-separated")
     parser.add_argument("--backward-configs", default="",
                         help="q block x k block x warps x stages of the Triton backward, or mosaicQxK (the Mosaic GPU "
                         "backward streaming Q-query and K-key blocks), comma-separated (default: BACKWARD_CONFIGS)")
@@ -326,14 +327,15 @@ def main():
             return ("mosaic", *numbers) if mosaic else numbers
 
         configs = [config(c) for c in args.backward_configs.split(",")] if args.backward_configs else BACKWARD_CONFIGS
-        named = {"mha": base, "gqa": {**base, "kv_heads": 4}, "mla": {**base, "dims": (128, 64)}}
+        named = {"mha": base, "gqa": {**base, "kv_heads": 4}, "mla": {**base, "dims": (128, 64)}, "mla192": {**base, "dims": (192,)}}
         for name in args.backward_sweep.split(","):
             backward_sweep(named[name], args.repeats, emit, configs)
     if args.sweep_only or args.backward_sweep:
         cases = []
     else:
         cases = [base, {**base, "window": length // 8}, {**base, "kv_heads": 4}, {**base, "kv_heads": 4, "window": length // 8},
-                 {**base, "dims": (128, 64)}]  # the last: MLA prefill, 128 + 64 RoPE (shared key), v 128
+                 {**base, "dims": (128, 64)},  # MLA prefill, 128 + 64 RoPE (shared key), v 128
+                 {**base, "dims": (192,)}]  # the same widths unsplit: q / k 192 (the RoPE key per head), v 128
         cases = cases[:1] if args.full_causal_only else cases
     for case in cases:
         emit(measure(case, args.repeats))

@@ -188,6 +188,26 @@ def test_flash_attention_matches_reference(rng, platform, layout, dtype, blocks)
     dense masked softmax of zoo.layers.attention, on random lengths that are not multiples of the blocks,
     packed documents, padding, grouped heads, windows crossing blocks."""
     _, lengths, widths = FLASH_TILES[platform]
+    _check_flash_against_reference(rng, platform, layout, dtype, blocks, lengths, widths)
+
+
+def test_the_mosaic_gpu_forward_cuts_queries_wider_than_the_values(rng, monkeypatch):
+    """DeepSeek's unsplit MLA prefill (one 192-wide query / key part, 128-wide values) does not fit shared
+    memory with an output buffer of its own at the default key blocks: it runs as 128 + 64 parts, o going out
+    through the first part's buffer, and still matches the reference (forward and gradients)."""
+    cuts = []
+
+    def spy(qs, *args, run=hopper.forward, **kwargs):
+        cuts.append(tuple(q.shape[-1] for q in qs))
+        return run(qs, *args, **kwargs)
+    monkeypatch.setattr(hopper, "forward", spy)
+    blocks = (hopper.PROGRAM_ROWS, hopper.BLOCK_K, 64, 64)
+    _check_flash_against_reference(rng, "mosaic_gpu", "window_sinks", "bfloat16", blocks, (140, 250),
+                                   ((192,), (128,), 64))
+    assert set(cuts) == {(128, 64)}
+
+
+def _check_flash_against_reference(rng, platform, layout, dtype, blocks, lengths, widths):
     inputs, options, (positions, segments) = flash_inputs(rng, layout, dtype, lengths, widths)
     names = [name for name in inputs if inputs[name] is not None]
     weights = jnp.asarray(rng.normal(size=(*inputs["q"][0].shape[:3], inputs["v"].shape[-1])), jnp.float32)
@@ -586,6 +606,7 @@ LOWERED_FOR_CUDA = {  # case: (function, argument shapes, Mosaic GPU kernels: fo
     "flash fwd+bwd, MHA causal": lambda: (*_flash_grad_at(1024, (128,), None), 3),
     "flash fwd+bwd, window 128": lambda: (*_flash_grad_at(1024, (128,), 128), 3),
     "flash fwd+bwd, MLA prefill 128 + 64": lambda: (*_flash_grad_at(1024, (128, 64), None), 3),
+    "flash fwd+bwd, MLA prefill unsplit 192 / 128": lambda: (*_flash_grad_at(1024, (192,), None), 3),
     "flash fwd+bwd, MHA causal, 64-row backward blocks": lambda: (*_flash_grad_at(1024, (128,), None, (128, 128, 64, 64)), 3),
     "flash fwd+bwd, MHA causal, 128-row backward blocks": lambda: (*_flash_grad_at(1024, (128,), None, (128, 128, 128, 128)), 3),
     "MLA decode, 128 heads": lambda: (

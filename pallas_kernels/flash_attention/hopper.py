@@ -346,6 +346,18 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
     return run(counts, interiors, documents, lists, sinks, q_meta, k_meta, *qs, *ks, v)
 
 
+def cut_at_value_width(qs, ks, v, block_k: int = BLOCK_K):
+    """(qs, ks), with the first query / key part cut in two at v's width where only that lets the forward fit
+    shared memory: o then goes out through the first part's buffer. DeepSeek's unsplit 192-wide queries and
+    keys with 128-wide values (one part) run as MLA's 128 + 64 parts do, not on Triton. The scores are
+    unchanged: q . k is the sum of the two halves' products."""
+    width, dv = qs[0].shape[-1], v.shape[-1]
+    if width <= dv or supports(qs, ks, v, block_k) is None:
+        return qs, ks
+    cut = [(x[0][..., :dv], x[0][..., dv:], *x[1:]) for x in (qs, ks)]
+    return tuple(cut) if supports(*cut, v, block_k) is None else (qs, ks)
+
+
 def supports_backward(qs, ks, v, blocks) -> str | None:
     """None when backward() takes the inputs with (backward q, backward k) blocks, else why not."""
     refusal = supports(qs, ks, v)

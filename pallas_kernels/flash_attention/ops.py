@@ -8,7 +8,9 @@ shared by all heads); every part's and v's head count divides the query heads (G
 gpt-oss-style learned sinks, a zero-valued entry in each row's softmax.
 
 GPUs: hopper.py (Mosaic GPU: wgmma, TMA, warp specialisation) runs the forward on sm90 GPUs where it
-applies (hopper.supports), and after its forward the backward where that applies (hopper.supports_backward);
+applies (hopper.supports; a first query / key part wider than the values is cut at their width where only
+that fits: hopper.cut_at_value_width), and after its forward the backward where that applies
+(hopper.supports_backward);
 gpu.py (Triton) every other forward and backward; TPUs: tpu.py (Mosaic);
 elsewhere impl="auto" runs the XLA reference. Under a mesh the kernels run per shard (dispatch.per_shard).
 """
@@ -74,7 +76,8 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
         return flash_attention_reference(qs, ks, v, q_positions, q_segments, k_positions, k_segments, scale=scale,
                                          window=window, sink_tokens=sink_tokens, sink_logits=sink_logits)
     kind = gpu_kernel(qs, ks, v, blocks, platform, backend.interpret) if backend.kind == "gpu" else backend.kind
-    if kind == "mosaic_gpu":
+    if kind == "mosaic_gpu":  # Triton takes the parts as given: no copies of cut halves
+        qs, ks = hopper.cut_at_value_width(qs, ks, v, blocks[1] if blocks else hopper.BLOCK_K)
         blocks = blocks or hopper.default_blocks(qs, ks, v)
         if blocks[0] != hopper.PROGRAM_ROWS or blocks[1] % 64:
             raise ValueError(f"the Mosaic GPU forward takes query blocks of {hopper.PROGRAM_ROWS} and key blocks that "
@@ -115,8 +118,10 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
 
 def gpu_kernel(qs, ks, v, blocks=None, platform: str | None = None, interpret: bool = False) -> str:
     """Which GPU forward flash_attention runs for these inputs: "mosaic_gpu" (hopper.py) on an sm90 GPU where
-    it applies or when asked for (an error where it cannot run), else "gpu" (Triton)."""
-    refusal = hopper.supports(qs, ks, v, blocks[1] if blocks else hopper.BLOCK_K)
+    it applies (to the parts as hopper.cut_at_value_width gives them) or when asked for (an error where it
+    cannot run), else "gpu" (Triton)."""
+    block_k = blocks[1] if blocks else hopper.BLOCK_K
+    refusal = hopper.supports(*hopper.cut_at_value_width(qs, ks, v, block_k), v, block_k)
     hopper_blocks = blocks is None or (blocks[0] == hopper.PROGRAM_ROWS and blocks[1] % 64 == 0)
     return mosaic_gpu.pick("flash attention forward", platform, refusal, interpret, preferred=hopper_blocks)
 
