@@ -149,12 +149,6 @@ def attention_flops(batch, length, heads, dim_qk, dim_v, window):
     return 2 * batch * heads * visible * (dim_qk + dim_v)
 
 
-def kernel_parts(platform, qs, ks, v):
-    """The query / key parts the kernels get: flash_attention cuts a part wider than the values for the
-    Mosaic GPU kernels (hopper.cut_at_value_width)."""
-    return hopper.cut_at_value_width(qs, ks, v) if platform == "mosaic_gpu" else (qs, ks)
-
-
 def measure(case, repeats, peers=True):
     """zoo's forward as impl="pallas" picks it (the Mosaic GPU forward where it applies, else Triton; or the
     platform the case names), its forward+backward, and with `peers` the Triton forward beside a Mosaic one,
@@ -165,7 +159,7 @@ def measure(case, repeats, peers=True):
     shared_rope = len(dims) == 2
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if shared_rope else (kv_heads,))
     platform = case.get("platform") or gpu_kernel(qs, ks, v)
-    parts = kernel_parts(platform, qs, ks, v)
+    parts = hopper.kernel_parts(qs, ks, v)  # as the Mosaic GPU kernels get them
     blocks = case.get("blocks") or (hopper.default_blocks(*parts, v) if platform == "mosaic_gpu"
                                     else gpu.default_blocks(window))
     forward, grad = zoo_fns(length, batch, window, scale, blocks, case.get("platform"))  # None: as impl="auto" runs
@@ -234,7 +228,7 @@ def backward_sweep(case, repeats, emit, configs=BACKWARD_CONFIGS):
     dims, dim_v, window = case["dims"], case["dim_v"], case["window"]
     qs, ks, v, w = jax_inputs(batch, length, heads, dims, dim_v, (kv_heads, 1) if len(dims) == 2 else (kv_heads,))
     platform = gpu_kernel(qs, ks, v)
-    parts = kernel_parts(platform, qs, ks, v)
+    parts = hopper.kernel_parts(qs, ks, v)  # as the Mosaic GPU kernels get them
     forward_blocks = (hopper.default_blocks(*parts, v) if platform == "mosaic_gpu" else gpu.default_blocks(window))[:2]
     defaults = gpu.BACKWARD_WARPS, gpu.STAGES
     scale = sum(dims) ** -0.5

@@ -346,16 +346,30 @@ def forward(qs, ks, v, sinks, q_meta, k_meta, walk, *, scale, window, sink_token
     return run(counts, interiors, documents, lists, sinks, q_meta, k_meta, *qs, *ks, v)
 
 
-def cut_at_value_width(qs, ks, v, block_k: int = BLOCK_K):
-    """(qs, ks), with the first query / key part cut in two at v's width where only that lets the forward fit
-    shared memory: o then goes out through the first part's buffer. DeepSeek's unsplit 192-wide queries and
-    keys with 128-wide values (one part) run as MLA's 128 + 64 parts do, not on Triton. The scores are
-    unchanged: q . k is the sum of the two halves' products."""
+def kernel_parts(qs, ks, v, block_k: int = BLOCK_K):
+    """The query / key parts' shapes (jax.ShapeDtypeStruct) as this kernel gets them: the first part cut in
+    two at v's width where only that lets the forward fit shared memory (cut_at_value_width), else as given.
+    Shapes only, so that judging the inputs copies nothing."""
+    def shape(x, width=None):
+        return jax.ShapeDtypeStruct((*x.shape[:-1], width or x.shape[-1]), x.dtype)
+
+    given = tuple(tuple(shape(x) for x in parts) for parts in (qs, ks))
     width, dv = qs[0].shape[-1], v.shape[-1]
-    if width <= dv or supports(qs, ks, v, block_k) is None:
+    if width <= dv or supports(*given, v, block_k) is None:
+        return given
+    cut = tuple((shape(x[0], dv), shape(x[0], width - dv), *x[1:]) for x in given)
+    return cut if supports(*cut, v, block_k) is None else given
+
+
+def cut_at_value_width(qs, ks, v, block_k: int = BLOCK_K):
+    """(qs, ks), with the first query / key part cut in two at v's width where kernel_parts says so: o then
+    goes out through the first part's buffer. DeepSeek's unsplit 192-wide queries and keys with 128-wide
+    values (one part) run as MLA's 128 + 64 parts do, not on Triton. The scores are unchanged: q . k is the
+    sum of the two halves' products."""
+    if len(kernel_parts(qs, ks, v, block_k)[0]) == len(qs):
         return qs, ks
-    cut = [(x[0][..., :dv], x[0][..., dv:], *x[1:]) for x in (qs, ks)]
-    return tuple(cut) if supports(*cut, v, block_k) is None else (qs, ks)
+    dv = v.shape[-1]
+    return tuple((x[0][..., :dv], x[0][..., dv:], *x[1:]) for x in (qs, ks))
 
 
 def supports_backward(qs, ks, v, blocks) -> str | None:

@@ -118,10 +118,9 @@ def flash_attention(q, k, v, q_positions, q_segments, k_positions, k_segments, *
 
 def gpu_kernel(qs, ks, v, blocks=None, platform: str | None = None, interpret: bool = False) -> str:
     """Which GPU forward flash_attention runs for these inputs: "mosaic_gpu" (hopper.py) on an sm90 GPU where
-    it applies (to the parts as hopper.cut_at_value_width gives them) or when asked for (an error where it
-    cannot run), else "gpu" (Triton)."""
+    it applies (to hopper.kernel_parts) or when asked for (an error where it cannot run), else "gpu" (Triton)."""
     block_k = blocks[1] if blocks else hopper.BLOCK_K
-    refusal = hopper.supports(*hopper.cut_at_value_width(qs, ks, v, block_k), v, block_k)
+    refusal = hopper.supports(*hopper.kernel_parts(qs, ks, v, block_k), v, block_k)
     hopper_blocks = blocks is None or (blocks[0] == hopper.PROGRAM_ROWS and blocks[1] % 64 == 0)
     return mosaic_gpu.pick("flash attention forward", platform, refusal, interpret, preferred=hopper_blocks)
 
